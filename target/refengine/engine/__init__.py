@@ -1,0 +1,1 @@
+"""refengine: a compact Llama-style decode engine with its original torch sampler and beam search."""

@@ -1,0 +1,137 @@
+"""Step 2, ``air_topk``: top-k over the last dim through one wrapper that owns three caches.
+
+* workspace size: computed once per (batch, vocab, k, dtype) per thread;
+* workspace tensor: one per device, grow-only; a superseded buffer stays alive until
+  :func:`clear_caches`, because a CUDA graph may have captured it;
+* outputs: with ``cached_output=True``, one (values, indices) pair per (device, batch, k, dtype),
+  overwritten by the next such call. Never a slice of a pair made for another k.
+
+:func:`counters` exposes how many size queries and allocations the caches made, so tests can
+prove that repeated calls allocate nothing new.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks, flags, kernels, nvtx
+
+KERNEL_MAX_K = 1024
+
+
+@dataclass
+class Counters:
+    """Cache activity since the last :func:`clear_caches`."""
+
+    size_queries: int = 0
+    workspace_allocations: int = 0
+    output_allocations: int = 0
+
+
+_counters = Counters()
+_lock = threading.Lock()
+_local = threading.local()
+_workspaces: dict[torch.device, torch.Tensor] = {}
+_retired: list[torch.Tensor] = []
+_outputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def counters() -> Counters:
+    """A copy of the cache counters."""
+    return Counters(**vars(_counters))
+
+
+def clear_caches() -> None:
+    """Release every cached workspace and output and reset the counters (not during a graph capture)."""
+    global _counters
+    with _lock:
+        _workspaces.clear()
+        _retired.clear()
+        _outputs.clear()
+        _counters = Counters()
+    _local.sizes = {}
+
+
+def _workspace_size(kernel, batch: int, vocab: int, k: int, dtype: torch.dtype) -> int:
+    sizes = getattr(_local, "sizes", None)
+    if sizes is None:
+        sizes = _local.sizes = {}
+    key = (batch, vocab, k, dtype)
+    if key not in sizes:
+        sizes[key] = kernel.workspace_size(batch, vocab, k, dtype) if kernel is not None else 0
+        with _lock:
+            _counters.size_queries += 1
+    return sizes[key]
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor | None:
+    if nbytes == 0:
+        return None
+    with _lock:
+        ws = _workspaces.get(device)
+        if ws is None or ws.numel() < nbytes:
+            if ws is not None:
+                _retired.append(ws)
+            ws = _workspaces[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            _counters.workspace_allocations += 1
+        return ws
+
+
+def _output(x: torch.Tensor, k: int, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (x.shape[0], k)
+    if not cached:
+        return torch.empty(shape, dtype=x.dtype, device=x.device), torch.empty(shape, dtype=torch.int64, device=x.device)
+    key = (x.device, x.shape[0], k, x.dtype)
+    with _lock:
+        pair = _outputs.get(key)
+        if pair is None:
+            pair = _outputs[key] = (
+                torch.empty(shape, dtype=x.dtype, device=x.device),
+                torch.empty(shape, dtype=torch.int64, device=x.device),
+            )
+            _counters.output_allocations += 1
+        return pair
+
+
+def _order_ties_by_index(values: torch.Tensor, indices: torch.Tensor, largest: bool) -> None:
+    """Reorder sorted top-k results in place so that equal values appear by ascending index."""
+    by_index = indices.argsort(-1)
+    v, i = values.gather(-1, by_index), indices.gather(-1, by_index)
+    order = v.sort(dim=-1, descending=largest, stable=True).indices
+    values.copy_(v.gather(-1, order))
+    indices.copy_(i.gather(-1, order))
+
+
+def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, largest: bool = True,
+                      cached_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (values, int64 indices) over the last dim of a (batch, vocab) tensor.
+
+    ``sorted_by_value=True`` (default): values in descending order (ascending with
+    ``largest=False``) as ``torch.topk(sorted=True)`` gives them, equal values by ascending index.
+    ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order.
+    NaN counts as larger than every number, as in ``torch.topk``.
+    ``cached_output=True`` returns the cached output pair for (device, batch, k, dtype): it is
+    overwritten by the next cached call with the same key, so copy it if it must outlive that.
+    Flag ``air_topk`` off: ``torch.topk``.
+    """
+    _checks.logits_2d("x", x)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k: expected an int, got {type(k).__name__}")
+    vocab = x.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k: {k} outside [1, {vocab}] (the size of the last dim)")
+    with nvtx.range("air_topk"):
+        if not flags.enabled("air_topk"):
+            return torch.topk(x, k, dim=-1, largest=largest, sorted=True)
+        kernel = kernels.load("air_topk") if x.is_cuda and k <= KERNEL_MAX_K else None
+        workspace = _workspace(x.device, _workspace_size(kernel, x.shape[0], vocab, k, x.dtype))
+        values, indices = _output(x, k, cached_output)
+        if kernel is not None:
+            kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, values, indices)
+        else:
+            torch.topk(x, k, dim=-1, largest=largest, sorted=sorted_by_value, out=(values, indices))
+            if sorted_by_value:
+                _order_ties_by_index(values, indices, largest)
+        return values, indices

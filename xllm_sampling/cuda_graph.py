@@ -1,0 +1,102 @@
+"""Step 5, ``cuda_graph``: run a sampling step through CUDA graphs, one per batch-size bucket.
+
+:class:`GraphRunner` wraps a function of tensors whose first dim is the batch. On a CUDA
+device, with the ``cuda_graph`` flag on, a batch is padded up to its bucket; the first call of
+a bucket captures a graph, later calls copy the inputs into the graph's static inputs and
+replay it. It runs eagerly on CPU, for batches above ``cuda_graph_max_batch``, with the flag
+off, and after a capture failure (one warning per bucket, and the step is run eagerly, so no
+token is lost). Capture is logged at INFO, replay at DEBUG, by the logger ``xllm_sampling.cuda_graph``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from . import flags, nvtx
+
+log = logging.getLogger(__name__)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _Captured:
+    def __init__(self, graph, inputs, output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+def _map_output(output, fn):
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    values = [fn(t) for t in output]
+    return type(output)(*values) if hasattr(output, "_fields") else type(output)(values)
+
+
+class GraphRunner:
+    """Replay ``fn(*tensors)`` from per-bucket CUDA graphs; eager where no graph can be used.
+
+    ``fn`` must be a pure function of its tensor arguments (any other setting baked in by a
+    closure) and return a tensor or a tuple / NamedTuple of tensors whose first dim is the batch.
+    Outputs are returned as fresh tensors, never the graph's static buffers.
+    """
+
+    def __init__(self, fn: Callable, buckets=DEFAULT_BUCKETS, name: str = "step"):
+        self.fn, self.buckets, self.name = fn, tuple(sorted(buckets)), name
+        self._graphs: dict[tuple, _Captured | None] = {}
+        self.captures = self.replays = self.eager_calls = 0
+
+    def _bucket(self, batch: int) -> int | None:
+        limit = flags.get("cuda_graph_max_batch")
+        return next((b for b in self.buckets if b >= batch and b <= limit), None)
+
+    def __call__(self, *inputs: torch.Tensor):
+        batch = inputs[0].shape[0]
+        bucket = self._bucket(batch)
+        if not (flags.enabled("cuda_graph") and inputs[0].is_cuda and bucket is not None):
+            self.eager_calls += 1
+            return self.fn(*inputs)
+        key = (bucket,) + tuple((t.shape[1:], t.dtype, t.device) for t in inputs)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(bucket, inputs)
+        captured = self._graphs[key]
+        if captured is None:
+            self.eager_calls += 1
+            return self.fn(*inputs)
+        with nvtx.range("cuda_graph/replay"):
+            for static, t in zip(captured.inputs, inputs):
+                static[:batch].copy_(t)
+            captured.graph.replay()
+            self.replays += 1
+            log.debug("%s: replayed graph for bucket %d (batch %d)", self.name, bucket, batch)
+            return _map_output(captured.output, lambda t: t[:batch].clone())
+
+    def _capture(self, bucket: int, inputs) -> _Captured | None:
+        with nvtx.range("cuda_graph/capture"):
+            start = time.perf_counter()
+            static = []
+            for t in inputs:
+                s = t.new_empty((bucket,) + tuple(t.shape[1:]))
+                s[: t.shape[0]].copy_(t)
+                s[t.shape[0]:].copy_(t[:1].expand_as(s[t.shape[0]:]))  # pad with a valid row
+                static.append(s)
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm up: build kernels, caches and workspaces outside the capture
+                        self.fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    output = self.fn(*static)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+                warnings.warn(f"xllm_sampling: CUDA graph capture of {self.name} for batch bucket {bucket} "
+                              f"failed, running it eagerly: {e}", RuntimeWarning, stacklevel=3)
+                torch.cuda.synchronize()
+                return None
+            self.captures += 1
+            log.info("%s: captured CUDA graph for batch bucket %d in %.1f ms", self.name, bucket,
+                     1e3 * (time.perf_counter() - start))
+            return _Captured(graph, static, output)

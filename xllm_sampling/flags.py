@@ -1,0 +1,214 @@
+"""Runtime flags: one switch per optimization, read on every call, no restart needed.
+
+Each flag is defined in ``flags/flags.toml``. Its value comes from, lowest precedence first:
+
+1. the definition's default;
+2. the environment: ``XLLM_SAMPLING_<NAME>`` or one of the definition's aliases
+   (for example ``XLLM_USE_AIR_TOPK``);
+3. the flags file named by ``XLLM_SAMPLING_FLAGS_FILE`` (TOML, ``name = value``), re-read
+   whenever it changes;
+4. code: :func:`set` and the :func:`override` context manager (process-wide).
+
+Unknown names and unparsable values raise ``ValueError`` naming the flag and what it accepts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .paths import FLAGS_FILE, require
+
+ENV_PREFIX = "XLLM_SAMPLING_"
+FLAGS_FILE_ENV = "XLLM_SAMPLING_FLAGS_FILE"
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class FlagDef:
+    """One flag: its name, type, default, step, environment variables and help line."""
+
+    name: str
+    type: str
+    default: Any
+    step: str
+    aliases: tuple[str, ...]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def accepted(self) -> str:
+        return {"bool": "true/false/1/0/on/off/yes/no", "int": "an integer", "str": "any string"}[self.type]
+
+
+def _load_definitions() -> dict[str, FlagDef]:
+    with open(require(FLAGS_FILE), "rb") as fh:
+        raw = tomllib.load(fh)
+    defs = {}
+    for name, d in raw.items():
+        defs[name] = FlagDef(name, d["type"], d["default"], d["step"], tuple(d.get("aliases", ())), d["help"])
+    return defs
+
+
+DEFINITIONS: dict[str, FlagDef] = _load_definitions()
+_code_values: dict[str, Any] = {}
+_MISSING = object()
+_lock = threading.Lock()
+_file_cache: tuple[str, int, dict[str, Any]] | None = None
+
+
+def definition(name: str) -> FlagDef:
+    """The definition of flag ``name``; ``ValueError`` listing the known flags if there is none."""
+    try:
+        return DEFINITIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown flag {name!r}; known flags: {', '.join(DEFINITIONS)}") from None
+
+
+def parse(name: str, value: Any) -> Any:
+    """Convert ``value`` (a string or a Python value) to flag ``name``'s type, or raise ``ValueError``."""
+    d = definition(name)
+    if d.type == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    elif d.type == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        with contextlib.suppress(ValueError, TypeError):
+            if not isinstance(value, bool):
+                return int(str(value).strip())
+    else:
+        return str(value)
+    raise ValueError(f"flag {name!r}: cannot parse {value!r}; accepted values: {d.accepted()}")
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flags file (``name = value`` TOML), checking every name and value."""
+    with open(path, "rb") as fh:
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"flags file {path}: not valid TOML ({e})") from None
+    return {name: parse(name, value) for name, value in raw.items()}
+
+
+def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
+    """Write ``values`` as a flags file, replacing it atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# xllm-sampling flags file: name = value (see `xllm-port flags list`)"]
+    for name, value in sorted(values.items()):
+        value = parse(name, value)
+        text = str(value).lower() if isinstance(value, bool) else (str(value) if isinstance(value, int) else f'"{value}"')
+        lines.append(f"{name} = {text}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def _file_values() -> dict[str, Any]:
+    global _file_cache
+    path = os.environ.get(FLAGS_FILE_ENV)
+    if not path:
+        return {}
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    if _file_cache is None or _file_cache[:2] != (path, mtime):
+        _file_cache = (path, mtime, read_file(path))
+    return _file_cache[2]
+
+
+def _env_value(d: FlagDef) -> tuple[str, str] | None:
+    for var in (d.env, *d.aliases):
+        if var in os.environ:
+            return var, os.environ[var]
+    return None
+
+
+def lookup(name: str) -> tuple[Any, str]:
+    """The value of flag ``name`` and where it came from: ``code``, ``file``, ``env:VAR`` or ``default``."""
+    d = definition(name)
+    if name in _code_values:
+        return _code_values[name], "code"
+    file_values = _file_values()
+    if name in file_values:
+        return file_values[name], "file"
+    env = _env_value(d)
+    if env is not None:
+        return parse(name, env[1]), f"env:{env[0]}"
+    return d.default, "default"
+
+
+def get(name: str) -> Any:
+    """The current value of flag ``name``; read on every call, so a change applies to the next call."""
+    return lookup(name)[0]
+
+
+def enabled(name: str) -> bool:
+    """``get(name)`` for a bool flag."""
+    return bool(get(name))
+
+
+def set(name: str, value: Any) -> None:  # noqa: A001 - the spec names it flags.set
+    """Set flag ``name`` from code (highest precedence) for the whole process."""
+    value = parse(name, value)
+    with _lock:
+        _code_values[name] = value
+
+
+def unset(name: str) -> None:
+    """Drop a value set from code, so the file, environment or default applies again."""
+    definition(name)
+    with _lock:
+        _code_values.pop(name, None)
+
+
+@contextlib.contextmanager
+def override(**values: Any) -> Iterator[None]:
+    """Set flags from code inside a ``with`` block and restore the previous code values after it."""
+    parsed = {name: parse(name, value) for name, value in values.items()}
+    with _lock:
+        saved = {name: _code_values.get(name, _MISSING) for name in parsed}
+        _code_values.update(parsed)
+    try:
+        yield
+    finally:
+        with _lock:
+            for name, old in saved.items():
+                if old is _MISSING:
+                    _code_values.pop(name, None)
+                else:
+                    _code_values[name] = old
+
+
+
+def snapshot() -> dict[str, Any]:
+    """Every flag's current value, for commit trailers and benchmark records."""
+    return {name: get(name) for name in DEFINITIONS}
+
+
+def unknown_environment() -> list[str]:
+    """``XLLM_SAMPLING_*`` environment variables that name no flag (a typo must not do nothing)."""
+    known = {d.env for d in DEFINITIONS.values()} | {FLAGS_FILE_ENV}
+    return sorted(v for v in os.environ if v.startswith(ENV_PREFIX) and v not in known)
+
+
+def warn_unknown_environment() -> None:
+    """Warn once about each ``XLLM_SAMPLING_*`` variable that names no flag."""
+    for var in unknown_environment():
+        warnings.warn(f"{var} names no xllm_sampling flag; known flags: {', '.join(DEFINITIONS)}", stacklevel=2)

@@ -1,0 +1,56 @@
+"""Step 1, ``logit_softmax``: temperature-scaled softmax (or log-softmax) of logits in one pass."""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, flags, kernels, nvtx
+
+
+def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | None:
+    """Per-row float32 temperatures with 0 read as 1 (greedy is the sampler's job), or None."""
+    if temperature is None:
+        return None
+    _checks.number_in("temperature", temperature, 0.0)
+    t = _checks.per_row("temperature", temperature, logits.shape[0], logits.device, torch.float32)
+    _checks.values_in("temperature", t, 0.0, float("inf"), lo_open=False, hi_open=False)
+    return torch.where(t == 0, torch.ones_like(t), t)
+
+
+def original(logits: torch.Tensor, temperature: torch.Tensor | None, log: bool = False) -> torch.Tensor:
+    """The engine's original path: ``torch.softmax(logits.float() / t, -1)``."""
+    x = logits.float()
+    if temperature is not None:
+        x = x / temperature[:, None]
+    return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+
+
+def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, out: torch.Tensor | None = None):
+    """Softmax (or log-softmax with ``log=True``) of ``logits / temperature`` over the last dim, in float32.
+
+    Args:
+        logits: (batch, vocab) float32, bfloat16 or float16.
+        temperature: None, a number, or a (batch,) float tensor on the logits' device. 0 is read as 1.
+            Negative or NaN values are a ValueError when they can be checked without a host
+            synchronisation (numbers, CPU tensors); on a GPU tensor they are not checked.
+        log: return log-softmax instead of softmax.
+        out: optional contiguous (batch, vocab) float32 tensor to write into.
+
+    -inf logits get probability 0; a row of all -inf, or with a NaN, gives NaN in every entry,
+    as ``torch.softmax`` does. Flag ``logit_softmax`` off: the original torch path.
+    """
+    _checks.logits_2d("logits", logits)
+    t = _temperature(temperature, logits)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != torch.float32:
+            raise ValueError(f"out: expected a float32 tensor of shape {tuple(logits.shape)}")
+        if out.device != logits.device or not out.is_contiguous():
+            raise ValueError(f"out: must be contiguous and on {logits.device}")
+    with nvtx.range("logit_softmax"):
+        kernel = kernels.load("logit_softmax") if logits.is_cuda and flags.enabled("logit_softmax") else None
+        if kernel is None:
+            result = original(logits, t, log)
+            return result if out is None else out.copy_(result)
+        if out is None:
+            out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        kernel.logit_softmax(logits.contiguous(), t, log, out)
+        return out

@@ -1,0 +1,58 @@
+"""NVTX ranges around each stage, named ``xllm_sampling/<stage>`` in the domain ``xllm_sampling``.
+
+With the ``nvtx`` flag off (the default) :func:`range` returns a shared no-op context manager
+and no NVTX function is called at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from . import flags
+
+DOMAIN = "xllm_sampling"
+STAGES = (
+    "decode_step",
+    "logit_softmax",
+    "air_topk",
+    "sampler",
+    "beam_search",
+    "cuda_graph/capture",
+    "cuda_graph/replay",
+    "port/apply",
+    "port/parity",
+    "port/gate",
+    "port/commit",
+)
+_NOOP = contextlib.nullcontext()
+
+
+@functools.cache
+def _nvtx():
+    import nvtx as nvtx_package
+
+    return nvtx_package
+
+
+class _Range:
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __enter__(self):
+        _nvtx().push_range(self.message, domain=DOMAIN)
+        return self
+
+    def __exit__(self, *exc):
+        _nvtx().pop_range(domain=DOMAIN)
+        return False
+
+
+def range(stage: str):  # noqa: A001 - reads as nvtx.range("stage")
+    """A context manager for the NVTX range ``xllm_sampling/<stage>``; a no-op while the flag is off."""
+    if not flags.enabled("nvtx"):
+        return _NOOP
+    if stage not in STAGES:
+        raise ValueError(f"stage: unknown NVTX stage {stage!r}; known stages: {', '.join(STAGES)}")
+    return _Range(f"{DOMAIN}/{stage}")

@@ -1,0 +1,163 @@
+"""Step 3, ``sampler``: greedy / temperature / top-k / top-p / min-p sampling without a full sort.
+
+Filters, in order: top-k, then top-p on the renormalised top-k mass (a token is kept while the
+mass ranked strictly above it is under ``top_p``), then min-p (``p >= min_p * p_max``).
+Temperature 0 means greedy (argmax of the raw logits). A row with a NaN or +inf logit, or with
+every logit -inf, gets token -1 and logprob NaN (no host synchronisation is spent to detect it).
+
+The fast path never sorts the vocabulary: with every row's top-k at most ``CANDIDATE_MAX``
+(1024) it filters and samples among the top-k candidates; otherwise it finds each row's
+probability threshold by bisection over the float bit patterns (32 passes). Draws come from
+Philox keyed by each request's ``seed`` and ``position``, so a request's tokens do not depend
+on the batch it is in. Flag ``sampler`` off: the original sort-based sampler
+(``torch.multinomial`` with ``generator``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _checks, flags, nvtx, rng
+from .air_topk import KERNEL_MAX_K as CANDIDATE_MAX, air_topk_last_dim
+from .logit_softmax import logit_softmax
+
+
+class SampleOutput(NamedTuple):
+    """Chosen tokens (int64, -1 for an invalid row) and their log-probabilities (float32)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
+class _Params(NamedTuple):
+    temperature: torch.Tensor  # float32, 0 = greedy
+    top_k: torch.Tensor  # int64 in [1, vocab]; vocab = off
+    top_p: torch.Tensor  # float32 in (0, 1]
+    min_p: torch.Tensor  # float32 in [0, 1]
+    k_max: int  # largest top_k of any row, known on the host
+
+
+def _params(logits, temperature, top_k, top_p, min_p) -> _Params:
+    batch, vocab = logits.shape
+    dev = logits.device
+
+    def host_or_device(name, value, dtype):
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and dev.type != "cpu":
+            _checks.per_row(name, value, batch, value.device, dtype)
+            value = value.to(dev, non_blocking=True)
+        return _checks.per_row(name, value, batch, dev, dtype)
+
+    for name, value, lo, hi in (("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
+                                ("min_p", min_p, 0.0, 1.0), ("top_k", top_k, 0, float("inf"))):
+        _checks.number_in(name, value, lo, hi)
+        if isinstance(value, torch.Tensor):
+            _checks.values_in(name, value, lo, hi, lo_open=name == "top_p", hi_open=False)
+    if isinstance(top_p, (int, float)) and top_p == 0:
+        raise ValueError("top_p: value 0 outside (0, 1]")
+    t = host_or_device("temperature", 1.0 if temperature is None else temperature, torch.float32)
+    k = _checks.per_row("top_k", 0 if top_k is None else top_k, batch,
+                        top_k.device if isinstance(top_k, torch.Tensor) else dev, torch.int64)
+    k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
+    k_max = int(k.max()) if k.device.type == "cpu" else vocab  # a device tensor is not read: no sync
+    k = host_or_device("top_k", k, torch.int64)
+    p = host_or_device("top_p", 1.0 if top_p is None else top_p, torch.float32)
+    m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
+    return _Params(t, k, p, m, k_max)
+
+
+def _invalid_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+
+
+def _finish(x, tokens, logprobs, params) -> SampleOutput:
+    greedy = params.temperature == 0
+    tokens = torch.where(greedy, x.argmax(-1), tokens)
+    invalid = _invalid_rows(x)
+    tokens = torch.where(invalid, torch.full_like(tokens, -1), tokens)
+    logprobs = torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs)
+    return SampleOutput(tokens, logprobs)
+
+
+def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
+    """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``."""
+    x = logits.float()
+    t = torch.where(params.temperature == 0, torch.ones_like(params.temperature), params.temperature)
+    logp = torch.log_softmax(x / t[:, None], -1)
+    probs = logp.exp()
+    sorted_p, sorted_i = probs.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(x.shape[1], device=x.device)
+    keep = rank < params.top_k[:, None]
+    top_k_mass = (sorted_p * keep).sum(-1, keepdim=True)
+    keep &= (sorted_p * keep).cumsum(-1) - sorted_p < params.top_p[:, None] * top_k_mass
+    keep &= sorted_p >= params.min_p[:, None] * sorted_p[:, :1]
+    filtered = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    filtered = torch.nan_to_num(filtered, nan=0.0)
+    filtered[:, 0] += (filtered.sum(-1) == 0).float()  # an invalid row draws something harmless
+    choice = torch.multinomial(filtered, 1, generator=generator)
+    tokens = sorted_i.gather(-1, choice).squeeze(-1)
+    return _finish(x, tokens, logp.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1), params)
+
+
+def _bisect(probs: torch.Tensor, enough) -> torch.Tensor:
+    """Per row, the largest float ``tau >= 0`` with ``enough(probs >= tau)`` true, by bisection on bits."""
+    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)
+    hi = torch.full_like(lo, 0x7F800000)  # +inf: nothing kept
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        ok = enough(probs >= mid.view(torch.float32)[:, None])
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo.view(torch.float32)
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of a column per row from non-negative ``weights`` with uniforms ``u``."""
+    cdf = weights.double().cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=weights.shape[1] - 1)
+
+
+def _fast(logits, params: _Params, seed, position) -> SampleOutput:
+    x = logits.float()
+    probs = logit_softmax(logits, params.temperature)
+    u = rng.uniform(seed, position)
+    if params.k_max <= CANDIDATE_MAX:
+        values, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
+        rank = torch.arange(params.k_max, device=x.device)
+        keep = rank < params.top_k[:, None]
+        kept = values * keep
+        keep &= kept.cumsum(-1) - kept < params.top_p[:, None] * kept.sum(-1, keepdim=True)
+        keep &= values >= params.min_p[:, None] * values[:, :1]
+        column = _draw(torch.where(keep, values, torch.zeros_like(values)), u)
+        tokens = indices.gather(-1, column[:, None]).squeeze(-1)
+    else:
+        tau_k = _bisect(probs, lambda m: m.sum(-1) >= params.top_k)
+        mass_k = (probs * (probs >= tau_k[:, None])).sum(-1)
+        tau_p = _bisect(probs, lambda m: (probs * m).sum(-1) >= params.top_p * mass_k)
+        tau_m = params.min_p * probs.amax(-1)
+        tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)[:, None]
+        tokens = _draw(torch.where(probs >= tau, probs, torch.zeros_like(probs)), u)
+    logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+    return _finish(x, tokens, logprobs, params)
+
+
+def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None,
+           seed=0, position=0, generator: torch.Generator | None = None) -> SampleOutput:
+    """Sample one token per row of ``logits`` (batch, vocab).
+
+    Every parameter is a number for all rows or a (batch,) tensor, per request, on the host or
+    on the logits' device: ``temperature`` >= 0 (0 = greedy, default 1), ``top_k`` >= 0
+    (0 = off), ``top_p`` in (0, 1] (1 = off), ``min_p`` in [0, 1] (0 = off), ``seed`` and
+    ``position`` int64 keys of the counter-based generator (the fast path's randomness).
+    ``generator`` feeds the original path only. Returns :class:`SampleOutput`.
+    """
+    _checks.logits_2d("logits", logits)
+    params = _params(logits, temperature, top_k, top_p, min_p)
+    with nvtx.range("sampler"):
+        if not flags.enabled("sampler"):
+            return original(logits, params, generator)
+        batch = logits.shape[0]
+        seed = _checks.per_row("seed", seed, batch, logits.device, torch.int64)
+        position = _checks.per_row("position", position, batch, logits.device, torch.int64)
+        return _fast(logits, params, seed, position)
