@@ -35,10 +35,12 @@ class _Params(NamedTuple):
     top_k: torch.Tensor  # int64 in [1, vocab]; vocab = off
     top_p: torch.Tensor  # float32 in (0, 1]
     min_p: torch.Tensor  # float32 in [0, 1]
+    seed: torch.Tensor  # int64
+    position: torch.Tensor  # int64
     k_max: int  # largest top_k of any row, known on the host
 
 
-def _params(logits, temperature, top_k, top_p, min_p) -> _Params:
+def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params:
     batch, vocab = logits.shape
     dev = logits.device
 
@@ -63,17 +65,20 @@ def _params(logits, temperature, top_k, top_p, min_p) -> _Params:
     k = host_or_device("top_k", k, torch.int64)
     p = host_or_device("top_p", 1.0 if top_p is None else top_p, torch.float32)
     m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
-    return _Params(t, k, p, m, k_max)
+    seed = host_or_device("seed", 0 if seed is None else seed, torch.int64)
+    position = host_or_device("position", 0 if position is None else position, torch.int64)
+    return _Params(t, k, p, m, seed, position, k_max)
 
 
 def _invalid_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
 
 
-def _finish(x, tokens, logprobs, params) -> SampleOutput:
-    greedy = params.temperature == 0
-    tokens = torch.where(greedy, x.argmax(-1), tokens)
+def _finish(x, tokens, logp: torch.Tensor, params) -> SampleOutput:
+    """Greedy rows take the argmax, invalid rows -1; logprobs gathered from ``logp`` for the final tokens."""
+    tokens = torch.where(params.temperature == 0, x.argmax(-1), tokens)
     invalid = _invalid_rows(x)
+    logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1).float()
     tokens = torch.where(invalid, torch.full_like(tokens, -1), tokens)
     logprobs = torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs)
     return SampleOutput(tokens, logprobs)
@@ -96,7 +101,7 @@ def original(logits, params: _Params, generator: torch.Generator | None = None) 
     filtered[:, 0] += (filtered.sum(-1) == 0).float()  # an invalid row draws something harmless
     choice = torch.multinomial(filtered, 1, generator=generator)
     tokens = sorted_i.gather(-1, choice).squeeze(-1)
-    return _finish(x, tokens, logp.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1), params)
+    return _finish(x, tokens, logp, params)
 
 
 def _bisect(probs: torch.Tensor, enough) -> torch.Tensor:
@@ -118,10 +123,10 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=weights.shape[1] - 1)
 
 
-def _fast(logits, params: _Params, seed, position) -> SampleOutput:
+def _fast(logits, params: _Params) -> SampleOutput:
     x = logits.float()
     probs = logit_softmax(logits, params.temperature)
-    u = rng.uniform(seed, position)
+    u = rng.uniform(params.seed, params.position)
     if params.k_max <= CANDIDATE_MAX:
         values, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
         rank = torch.arange(params.k_max, device=x.device)
@@ -138,8 +143,17 @@ def _fast(logits, params: _Params, seed, position) -> SampleOutput:
         tau_m = params.min_p * probs.amax(-1)
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)[:, None]
         tokens = _draw(torch.where(probs >= tau, probs, torch.zeros_like(probs)), u)
-    logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
-    return _finish(x, tokens, logprobs, params)
+    return _finish(x, tokens, _LogOf(probs), params)
+
+
+class _LogOf:
+    """``gather`` of log(probs) without taking the log of the whole tensor."""
+
+    def __init__(self, probs: torch.Tensor):
+        self.probs = probs
+
+    def gather(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        return self.probs.gather(dim, index).log()
 
 
 def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None,
@@ -153,11 +167,8 @@ def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, mi
     ``generator`` feeds the original path only. Returns :class:`SampleOutput`.
     """
     _checks.logits_2d("logits", logits)
-    params = _params(logits, temperature, top_k, top_p, min_p)
+    params = _params(logits, temperature, top_k, top_p, min_p, seed, position)
     with nvtx.range("sampler"):
         if not flags.enabled("sampler"):
             return original(logits, params, generator)
-        batch = logits.shape[0]
-        seed = _checks.per_row("seed", seed, batch, logits.device, torch.int64)
-        position = _checks.per_row("position", position, batch, logits.device, torch.int64)
-        return _fast(logits, params, seed, position)
+        return _fast(logits, params)

@@ -1,0 +1,101 @@
+"""Benchmark gates: time the original and the fast path interleaved (A B A B) in one process.
+
+On a GPU each call is timed with CUDA events after the L2 cache is flushed; on CPU with
+``time.perf_counter``. The gate's figure is the median of the per-pair ratios fast / original.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import flags
+
+THRESHOLDS_ENV = "XLLM_PORT_THRESHOLDS"  # set by the driver: {"cpu": 1.5, "cuda": 0.8}
+
+
+@dataclass
+class GateResult:
+    """Medians in microseconds and the median per-pair ratio fast / original."""
+
+    device: str
+    original_us: float
+    fast_us: float
+    ratio: float
+    rounds: int
+
+
+def device_kind() -> str:
+    """``cuda`` when a GPU is present, else ``cpu``: the key of a manifest's threshold table."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment() -> dict:
+    """GPU, driver, torch and CUDA versions and the flag snapshot, for the gate's JSON record."""
+    env = {"device": device_kind(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "host": platform.node(), "flags": flags.snapshot()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["driver"] = _driver_version()
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        import ctypes
+
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:
+        return None
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e6
+        self.flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+
+
+def measure(original: Callable[[], object], fast: Callable[[], object], warmup: int = 3, rounds: int = 30) -> GateResult:
+    """Time ``original`` and ``fast`` alternately, ``rounds`` times each after ``warmup`` calls of each."""
+    device = device_kind()
+    timer = _Timer(device)
+    for _ in range(warmup):
+        original(), fast()
+    pairs = [(timer(original), timer(fast)) for _ in range(rounds)]
+    ratio = statistics.median(f / o for o, f in pairs)
+    return GateResult(device, statistics.median(o for o, _ in pairs), statistics.median(f for _, f in pairs), ratio, rounds)
+
+
+def threshold(kind: str | None = None) -> float | None:
+    """The manifest's threshold for this device kind, passed by the driver in ``XLLM_PORT_THRESHOLDS``."""
+    import json
+
+    table = json.loads(os.environ.get(THRESHOLDS_ENV, "{}"))
+    return table.get(kind or device_kind())
+
+
+def record(benchmark, result: GateResult, fast: Callable[[], object]) -> None:
+    """Put the gate's figures into pytest-benchmark's record and time the fast path for its report."""
+    benchmark.extra_info.update({"gate": asdict(result), "environment": environment()})
+    benchmark.pedantic(fast, rounds=max(5, result.rounds // 3), warmup_rounds=1)
