@@ -1,0 +1,186 @@
+"""The ``xllm-port`` command: apply | verify | rollback | status | flags | demo | bench.
+
+Exit codes: 0 success, 1 a step failed its checks (the target was restored), 2 bad usage or
+bad input. Every command takes ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import flags
+from ..paths import SERIES_DIR
+from . import demo, driver
+from .errors import PortError, UsageError
+from .target import BRANCH
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line and exit code 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="xllm-port", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    targeted = argparse.ArgumentParser(add_help=False, parents=[common])
+    targeted.add_argument("--target", required=True, type=Path, help="the target git repository")
+    targeted.add_argument("--series", type=Path, default=SERIES_DIR, help="the series folder (default: the shipped one)")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("apply", parents=[targeted], help="apply, verify and commit steps in order")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", help="apply only this step")
+    which.add_argument("--all", action="store_true", help="every step not yet applied (the default)")
+    p.add_argument("--dry-run", action="store_true", help="check that the patches apply; change nothing")
+    p.add_argument("--branch", default=BRANCH, help=f"the branch the target must be on (default {BRANCH})")
+
+    p = sub.add_parser("verify", parents=[targeted], help="re-run parity tests and gates of applied steps")
+    p.add_argument("--step")
+
+    p = sub.add_parser("rollback", parents=[targeted], help="roll a step back by flag or by revert")
+    p.add_argument("--step", required=True)
+    p.add_argument("--mode", choices=("flag", "revert"), default="flag")
+    p.add_argument("--cascade", action="store_true", help="also revert applied steps that depend on it, newest first")
+    p.add_argument("--branch", default=BRANCH)
+
+    sub.add_parser("status", parents=[targeted], help="each step's state in the target")
+
+    p = sub.add_parser("flags", parents=[common], help="list, get or set runtime flags")
+    p.add_argument("action", nargs="?", choices=("list", "get", "set"), default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("value", nargs="?")
+    p.add_argument("--target", type=Path, help="use the target's flags file (.git/xllm_port/flags.toml)")
+
+    p = sub.add_parser("demo", parents=[common], help="create the reference engine and apply the whole series")
+    p.add_argument("--dir", type=Path, help="where to create the target (default: a new temporary folder)")
+    return ap
+
+
+def _progress(args):
+    return (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
+
+
+def _print_reports(reports) -> None:
+    for r in reports:
+        line = f"{r.step:14} {r.status:16} {(r.commit or '')[:10]:10}"
+        if r.gate.get("gate"):
+            g = r.gate["gate"]
+            line += f" gate {g['device']} {g['ratio']:.3f} < {g['threshold']}"
+        elif r.gate:
+            line += f" gate {r.gate['result']}"
+        print(line + (f"  {r.message}" if r.message else ""))
+
+
+def _flags_file(args) -> Path | None:
+    if args.target is None:
+        import os
+
+        path = os.environ.get(flags.FLAGS_FILE_ENV)
+        return Path(path) if path else None
+    from . import target
+
+    with target.open_repo(args.target) as repo:
+        return target.flags_file(repo)
+
+
+def _flags(args) -> object:
+    path = _flags_file(args)
+    file_values = flags.read_file(path) if path and path.exists() else {}
+    if args.action == "list":
+        rows = []
+        for name, d in flags.DEFINITIONS.items():
+            value, source = (file_values[name], f"file:{path}") if name in file_values else flags.lookup(name)
+            rows.append({"name": name, "value": value, "source": source, "type": d.type, "default": d.default,
+                         "env": [d.env, *d.aliases], "step": d.step, "help": d.help})
+        return rows
+    if not args.name:
+        raise UsageError(f"xllm-port flags {args.action}: a flag name is required")
+    flags.definition(args.name)
+    if args.action == "get":
+        return {"name": args.name, "value": file_values.get(args.name, flags.get(args.name))}
+    if args.value is None:
+        raise UsageError("xllm-port flags set: a value is required")
+    if path is None:
+        raise UsageError(f"xllm-port flags set: give --target DIR or set {flags.FLAGS_FILE_ENV}")
+    file_values[args.name] = flags.parse(args.name, args.value)
+    flags.write_file(path, file_values)
+    return {"name": args.name, "value": file_values[args.name], "file": str(path)}
+
+
+def _demo(args, progress) -> tuple[object, int]:
+    start = time.perf_counter()
+    path = demo.create_target(args.dir)
+    progress(f"reference engine created at {path} (branch {BRANCH})")
+    try:
+        reports = driver.apply(path, SERIES_DIR, None, False, BRANCH, progress)
+        code = 0
+    except PortError as e:
+        reports, code = getattr(e, "reports", []), e.exit_code
+        progress(f"error: {e}")
+    return {"target": str(path), "seconds": round(time.perf_counter() - start, 1),
+            "steps": [asdict(r) for r in reports]}, code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv``; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        progress = _progress(args)
+        code = 0
+        if args.command == "apply":
+            result = driver.apply(args.target, args.series, args.step, args.dry_run, args.branch, progress)
+        elif args.command == "verify":
+            result = driver.verify(args.target, args.series, args.step, progress)
+        elif args.command == "rollback":
+            result = driver.rollback(args.target, args.series, args.step, args.mode, args.cascade, args.branch, progress)
+        elif args.command == "status":
+            result = driver.status(args.target, args.series)
+        elif args.command == "flags":
+            result = _flags(args)
+        else:
+            result, code = _demo(args, progress)
+    except PortError as e:
+        print(f"xllm-port: error: {e}", file=sys.stderr)
+        if e.exit_code == 1 and getattr(e, "reports", None) and "--json" in (argv or sys.argv):
+            print(json.dumps({"error": str(e), "steps": [asdict(r) for r in e.reports]}, indent=2, default=str))
+        return e.exit_code
+    except ValueError as e:  # unknown flag names and bad flag values
+        print(f"xllm-port: error: {e}", file=sys.stderr)
+        return 2
+    _output(args, result)
+    return code
+
+
+def _output(args, result) -> None:
+    if args.json:
+        data = [asdict(r) for r in result] if isinstance(result, list) and result and hasattr(result[0], "step") and not isinstance(result[0], dict) else result
+        print(json.dumps(data, indent=2, default=str))
+    elif args.command in ("apply", "verify", "rollback"):
+        _print_reports(result)
+    elif args.command == "status":
+        for row in result:
+            last = row["last_verification"]
+            gate = last.get("gate", {})
+            verified = f"{last['result']} at {last['time']}" if last else "never verified"
+            ratio = f", gate {gate['device']} {gate['ratio']:.3f}" if "ratio" in gate else ""
+            print(f"{row['step']:14} {'applied' if row['applied'] else 'not applied':12} {(row['commit'] or '-')[:10]:10} "
+                  f"{row['flag']}={str(row['flag_value']).lower():6} {verified}{ratio}")
+    elif args.command == "flags":
+        rows = result if isinstance(result, list) else [result]
+        for row in rows:
+            print(f"{row['name']:22} {str(row['value']).lower():6} " + (f"({row['source']})  {row['help']}" if "help" in row else ""))
+    else:
+        print(f"\n{'step':14} {'status':16} {'commit':10} gate")
+        _print_reports([driver.StepReport(**s) for s in result["steps"]])
+        print(f"\ntarget: {result['target']}  ({result['seconds']} s)")
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run())
