@@ -1,0 +1,54 @@
+"""Shared fixtures: a fresh reference target, test-only series, and the visible skip of cuda tests."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from xllm_sampling.paths import PROJECT_ROOT, SERIES_DIR
+from xllm_sampling.port import demo
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_target(tmp_path):
+    """The reference engine as a new git repository on feat/sampler_optim."""
+    return demo.create_target(tmp_path / "target")
+
+
+def tree_snapshot(path: Path) -> dict:
+    """Every file under ``path`` outside .git, with its bytes: to prove a target is unchanged."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and ".git" not in p.relative_to(path).parts}
+
+
+@pytest.fixture
+def make_series(tmp_path):
+    """make_series(steps, patches={step: text}, manifest_extra={step: text}): a test-only series folder."""
+    def build(steps, patches=None, manifest_text=None, name="series"):
+        folder = tmp_path / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "series").write_text("\n".join(steps) + "\n")
+        for step in steps:
+            (folder / step).mkdir()
+            patch = (patches or {}).get(step, (SERIES_DIR / step / f"{step}.patch").read_text())
+            (folder / step / f"{step}.patch").write_text(patch)
+            text = (manifest_text or {}).get(step)
+            if text is None:
+                text = (SERIES_DIR / step / "manifest.toml").read_text()
+                for key in ("parity", "gate", "rollback"):
+                    text = text.replace(f'{key} = "', f'{key} = "{PROJECT_ROOT}/')
+            (folder / step / "manifest.toml").write_text(text)
+        return folder
+
+    return build

@@ -1,0 +1,166 @@
+"""The xllm-port driver on temporary targets, through its CLI entry point."""
+import json
+
+import git
+import pytest
+
+from xllm_sampling.paths import SERIES_DIR
+from xllm_sampling.port.cli import run
+
+from .conftest import tree_snapshot
+
+WRONG_SOFTMAX = (SERIES_DIR / "logit_softmax" / "logit_softmax.patch").read_text().replace(
+    "+    return logit_softmax(logits, temperature)", "+    return logit_softmax(logits, temperature * 1.01)")
+
+
+def log(target):
+    with git.Repo(target) as repo:
+        return [c.message for c in repo.iter_commits()]
+
+
+@pytest.fixture(scope="module")
+def demo_target(tmp_path_factory):
+    """`xllm-port demo` once for the module: the whole series applied to a fresh reference engine."""
+    target = tmp_path_factory.mktemp("demo") / "refengine"
+    assert run(["demo", "--dir", str(target)]) == 0
+    return target
+
+
+def test_demo_applies_the_six_steps_in_order(demo_target):
+    messages = log(demo_target)[::-1]
+    steps = [line.split(": ", 1)[1] for m in messages for line in m.splitlines() if line.startswith("Step: ")]
+    assert steps == ["logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx"]
+    last = messages[-1]
+    assert "Flag: nvtx=false" in last and "Verified-by: parity passed" in last and "Flags: air_topk=true" in last
+    gates = list((demo_target / ".git" / "xllm_port" / "gates").glob("*/*.json"))
+    assert len(gates) == 6
+    record = json.loads(gates[0].read_text())["benchmarks"][0]["extra_info"]
+    assert {"ratio", "device"} <= set(record["gate"]) and "torch" in record["environment"]
+    assert "flags" in record["environment"]
+
+
+def test_reapply_is_a_no_op(demo_target, capsys):
+    head = log(demo_target)[0]
+    assert run(["apply", "--target", str(demo_target), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {s["status"] for s in out} == {"already applied"} and log(demo_target)[0] == head
+
+
+def test_status_json(demo_target, capsys):
+    assert run(["status", "--target", str(demo_target), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows if r["applied"]] == ["logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx"]
+    assert all(r["last_verification"]["result"] == "passed" for r in rows)
+
+
+def test_rollback_by_flag_changes_no_code(demo_target, capsys):
+    before = tree_snapshot(demo_target)
+    assert run(["rollback", "--target", str(demo_target), "--step", "sampler", "--mode", "flag"]) == 0
+    assert tree_snapshot(demo_target) == before
+    assert run(["flags", "get", "sampler", "--target", str(demo_target), "--json"]) == 0
+    capsys.readouterr()
+    assert run(["status", "--target", str(demo_target), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["sampler"]["flag_value"] is False and rows["sampler"]["applied"]
+    assert run(["flags", "set", "sampler", "true", "--target", str(demo_target)]) == 0
+
+
+def test_revert_with_dependents_is_refused_then_cascades(demo_target, capsys):
+    head = log(demo_target)[0]
+    assert run(["rollback", "--target", str(demo_target), "--step", "air_topk", "--mode", "revert"]) == 2
+    assert "sampler, cuda_graph depend on air_topk" in capsys.readouterr().err
+    assert log(demo_target)[0] == head
+    assert run(["rollback", "--target", str(demo_target), "--step", "air_topk", "--mode", "revert", "--cascade"]) == 0
+    reverted = [m.splitlines()[0] for m in log(demo_target)[:3]]
+    assert reverted == ["xllm-port: revert air_topk", "xllm-port: revert sampler", "xllm-port: revert cuda_graph"]
+    assert "torch.topk(x, k" in (demo_target / "engine" / "sampling.py").read_text()
+
+
+def test_revert_of_a_leaf_step(demo_target):
+    assert run(["rollback", "--target", str(demo_target), "--step", "nvtx", "--mode", "revert"]) == 0
+    assert "nvtx.range" not in (demo_target / "engine" / "decode.py").read_text()
+    assert run(["rollback", "--target", str(demo_target), "--step", "nvtx", "--mode", "revert"]) == 2  # not applied
+
+
+def test_dirty_tree_is_refused_with_nothing_changed(fresh_target, capsys):
+    (fresh_target / "engine" / "model.py").write_text("# local edit\n")
+    before = tree_snapshot(fresh_target)
+    assert run(["apply", "--target", str(fresh_target)]) == 2
+    assert "dirty" in capsys.readouterr().err
+    assert tree_snapshot(fresh_target) == before and len(log(fresh_target)) == 1
+
+
+def test_wrong_branch_is_refused(fresh_target, capsys):
+    with git.Repo(fresh_target) as repo:
+        repo.git.checkout("-q", "main")
+    assert run(["apply", "--target", str(fresh_target)]) == 2
+    assert "not feat/sampler_optim" in capsys.readouterr().err
+
+
+def test_failed_parity_restores_the_target_then_resume_after_fix(fresh_target, make_series, capsys):
+    (fresh_target / "engine" / "__pycache__").mkdir(exist_ok=True)
+    before = tree_snapshot(fresh_target)
+    bad = make_series(["logit_softmax", "air_topk"], patches={"logit_softmax": WRONG_SOFTMAX})
+    assert run(["apply", "--target", str(fresh_target), "--series", str(bad)]) == 1
+    assert "parity failed" in capsys.readouterr().err
+    assert tree_snapshot(fresh_target) == before and len(log(fresh_target)) == 1
+    with git.Repo(fresh_target) as repo:
+        assert not repo.is_dirty(untracked_files=True)
+
+    good = make_series(["logit_softmax", "air_topk"], name="fixed")
+    assert run(["apply", "--target", str(fresh_target), "--series", str(good), "--step", "logit_softmax"]) == 0
+    capsys.readouterr()
+    assert run(["apply", "--target", str(fresh_target), "--series", str(good), "--json"]) == 0
+    statuses = [s["status"] for s in json.loads(capsys.readouterr().out)]
+    assert statuses == ["already applied", "applied"]
+
+
+def test_failed_later_step_keeps_the_earlier_ones(fresh_target, make_series):
+    bad = make_series(["logit_softmax", "beam_search"], patches={"beam_search": "not a patch\n"})
+    assert run(["apply", "--target", str(fresh_target), "--series", str(bad)]) == 1
+    messages = log(fresh_target)
+    assert len(messages) == 2 and "Step: logit_softmax" in messages[0]
+    with git.Repo(fresh_target) as repo:
+        assert not repo.is_dirty(untracked_files=True)
+
+
+def test_dry_run_changes_nothing(fresh_target, capsys):
+    before = tree_snapshot(fresh_target)
+    assert run(["apply", "--target", str(fresh_target), "--dry-run", "--json"]) == 0
+    assert {s["status"] for s in json.loads(capsys.readouterr().out)} == {"would apply"}
+    assert tree_snapshot(fresh_target) == before and len(log(fresh_target)) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["apply", "--target", "/nonexistent/xllm"], "no such directory"),
+    (["status", "--target", "/"], "not a git repository"),
+    (["apply", "--step", "nope"], "unknown step 'nope'"),
+    (["rollback", "--step", "sampler", "--mode", "sideways"], "invalid choice"),
+    (["flags", "get", "samplr"], "unknown flag 'samplr'"),
+    (["flags", "set", "sampler", "maybe"], "cannot parse 'maybe'"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_usage_exits_2_with_one_line(argv, message, fresh_target, capsys, monkeypatch):
+    monkeypatch.setenv("XLLM_SAMPLING_FLAGS_FILE", str(fresh_target / ".git" / "flags.toml"))
+    if "--target" not in argv and argv[0] in ("apply", "rollback"):
+        argv = argv + ["--target", str(fresh_target)]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("manifest,message", [
+    ('step = "logit_softmax"\n', "missing summary"),
+    ("step = = 1\n", "not valid TOML"),
+    ((SERIES_DIR / "logit_softmax" / "manifest.toml").read_text().replace('flag = "logit_softmax"', 'flag = "nope"'), "unknown flag"),
+])
+def test_malformed_manifest_exits_2(manifest, message, fresh_target, make_series, capsys):
+    series = make_series(["logit_softmax"], manifest_text={"logit_softmax": manifest})
+    assert run(["apply", "--target", str(fresh_target), "--series", str(series)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_missing_series_exits_2(fresh_target, tmp_path, capsys):
+    assert run(["apply", "--target", str(fresh_target), "--series", str(tmp_path / "none")]) == 2
+    assert "no series file" in capsys.readouterr().err

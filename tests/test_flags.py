@@ -1,0 +1,102 @@
+"""The flag registry: precedence, override, aliases, errors, files re-read on change."""
+import os
+import warnings
+
+import pytest
+
+from xllm_sampling import flags
+
+
+@pytest.fixture(autouse=True)
+def clean_flags(monkeypatch):
+    for name, d in flags.DEFINITIONS.items():
+        for var in (d.env, *d.aliases):
+            monkeypatch.delenv(var, raising=False)
+        flags.unset(name)
+    monkeypatch.delenv(flags.FLAGS_FILE_ENV, raising=False)
+    yield
+    for name in flags.DEFINITIONS:
+        flags.unset(name)
+
+
+def test_defaults_match_the_spec():
+    assert flags.snapshot() == {"logit_softmax": True, "air_topk": True, "sampler": True, "beam_search": True,
+                                "cuda_graph": True, "cuda_graph_max_batch": 256, "nvtx": False}
+
+
+def test_precedence_env_then_file_then_code(monkeypatch, tmp_path):
+    monkeypatch.setenv("XLLM_SAMPLING_AIR_TOPK", "0")
+    assert flags.lookup("air_topk") == (False, "env:XLLM_SAMPLING_AIR_TOPK")
+    path = tmp_path / "flags.toml"
+    flags.write_file(path, {"air_topk": True})
+    monkeypatch.setenv(flags.FLAGS_FILE_ENV, str(path))
+    assert flags.lookup("air_topk") == (True, "file")
+    flags.set("air_topk", "off")
+    assert flags.lookup("air_topk") == (False, "code")
+    flags.unset("air_topk")
+    assert flags.get("air_topk") is True
+
+
+def test_override_restores_previous_values():
+    flags.set("sampler", False)
+    with flags.override(sampler=True, nvtx="yes"):
+        assert flags.get("sampler") is True and flags.get("nvtx") is True
+        with flags.override(sampler=False):
+            assert flags.get("sampler") is False
+        assert flags.get("sampler") is True
+    assert flags.lookup("sampler") == (False, "code")
+    assert flags.lookup("nvtx") == (False, "default")
+
+
+def test_engine_aliases(monkeypatch):
+    monkeypatch.setenv("XLLM_USE_AIR_TOPK", "false")
+    monkeypatch.setenv("XLLM_ENABLE_NVTX", "1")
+    assert flags.get("air_topk") is False and flags.get("nvtx") is True
+    assert flags.lookup("nvtx")[1] == "env:XLLM_ENABLE_NVTX"
+
+
+def test_unknown_name_and_bad_values_name_the_flag():
+    with pytest.raises(ValueError, match="unknown flag 'air_topkk'.*air_topk"):
+        flags.get("air_topkk")
+    with pytest.raises(ValueError, match="flag 'sampler'.*'maybe'.*true/false"):
+        flags.set("sampler", "maybe")
+    with pytest.raises(ValueError, match="flag 'cuda_graph_max_batch'.*an integer"):
+        flags.override(cuda_graph_max_batch="big").__enter__()
+    with pytest.raises(ValueError, match="unknown flag 'nope'"):
+        flags.override(nope=True).__enter__()
+
+
+def test_bad_environment_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("XLLM_SAMPLING_SAMPLER", "yesplease")
+    with pytest.raises(ValueError, match="flag 'sampler'"):
+        flags.get("sampler")
+
+
+def test_unknown_environment_variable_is_reported(monkeypatch):
+    monkeypatch.setenv("XLLM_SAMPLING_SAMPLR", "0")
+    assert flags.unknown_environment() == ["XLLM_SAMPLING_SAMPLR"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flags.warn_unknown_environment()
+    assert any("XLLM_SAMPLING_SAMPLR names no xllm_sampling flag" in str(w.message) for w in caught)
+
+
+def test_file_change_takes_effect_on_the_next_call(monkeypatch, tmp_path):
+    path = tmp_path / "flags.toml"
+    flags.write_file(path, {"beam_search": True})
+    monkeypatch.setenv(flags.FLAGS_FILE_ENV, str(path))
+    assert flags.get("beam_search") is True
+    flags.write_file(path, {"beam_search": False})
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse filesystem clocks
+    assert flags.get("beam_search") is False
+
+
+def test_malformed_flags_file_names_the_file(monkeypatch, tmp_path):
+    path = tmp_path / "flags.toml"
+    path.write_text("sampler = = true\n")
+    with pytest.raises(ValueError, match="flags file .*flags.toml"):
+        flags.read_file(path)
+    path.write_text("samplerr = true\n")
+    with pytest.raises(ValueError, match="unknown flag 'samplerr'"):
+        flags.read_file(path)

@@ -1,0 +1,133 @@
+"""The ops on their own: bad input, the generator, parity of fast and original paths, the graph runner."""
+import pytest
+import torch
+
+import xllm_sampling as xs
+from xllm_sampling import flags, rng
+from xllm_sampling.cuda_graph import GraphRunner
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def test_philox_known_answers():
+    z = torch.zeros(1, dtype=torch.int64)
+    assert [int(v) for v in rng.philox4x32((z, z, z, z), (z, z))] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    f = z + 0xFFFFFFFF
+    assert [int(v) for v in rng.philox4x32((f, f, f, f), (f, f))] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def test_uniform_depends_on_seed_and_position_only():
+    seed, pos = torch.tensor([1, 1, 2]), torch.tensor([5, 6, 5])
+    u = rng.uniform(seed, pos)
+    assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 3
+    assert rng.uniform(seed[1:2], pos[1:2]).item() == u[1].item()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: xs.logit_softmax(torch.randn(4)), "logits: expected a 2-D tensor"),
+    (lambda: xs.logit_softmax(torch.randint(0, 3, (2, 4))), "logits: dtype torch.int64"),
+    (lambda: xs.logit_softmax(torch.randn(2, 4), -1.0), "temperature: value -1.0"),
+    (lambda: xs.logit_softmax(torch.randn(2, 4), torch.tensor([1.0, float("nan")])), "temperature: value nan"),
+    (lambda: xs.logit_softmax(torch.randn(2, 4), torch.ones(3)), r"temperature: expected shape \(2,\)"),
+    (lambda: xs.logit_softmax(torch.randn(2, 4), out=torch.empty(2, 4, dtype=torch.float16)), "out:"),
+    (lambda: xs.air_topk_last_dim(torch.randn(2, 4), 0), r"k: 0 outside \[1, 4\]"),
+    (lambda: xs.air_topk_last_dim(torch.randn(2, 4), 5), r"k: 5 outside \[1, 4\]"),
+    (lambda: xs.air_topk_last_dim(torch.randn(2, 4), 2.0), "k: expected an int"),
+    (lambda: xs.sample(torch.randn(2, 4), top_p=0.0), "top_p: value 0"),
+    (lambda: xs.sample(torch.randn(2, 4), top_p=torch.tensor([0.5, 1.5])), "top_p: value 1.5"),
+    (lambda: xs.sample(torch.randn(2, 4), top_k=-1), "top_k: value -1"),
+    (lambda: xs.sample(torch.randn(2, 4), temperature=-0.5), "temperature: value -0.5"),
+    (lambda: xs.sample(torch.randn(2, 4), min_p=torch.ones(3)), r"min_p: expected shape \(2,\)"),
+    (lambda: xs.sample(torch.randn(2, 4), seed=torch.zeros(2)), "seed: dtype torch.float32"),
+    (lambda: xs.beam_search_step(torch.randn(6, 8), torch.zeros(6), 4), "logits: 6 rows is not a multiple"),
+    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4), 4), "beam_scores: expected a tensor of 8"),
+    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(8), 0), "num_beams: expected an int >= 1"),
+])
+def test_bad_input_is_a_value_error_naming_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.cuda
+def test_tensors_on_different_devices_are_refused():
+    with pytest.raises(ValueError, match="temperature: on cpu but logits are on cuda"):
+        xs.logit_softmax(torch.randn(2, 4, device="cuda"), torch.ones(2))
+    with pytest.raises(ValueError, match="beam_scores: on cpu"):
+        xs.beam_search_step(torch.randn(4, 8, device="cuda"), torch.zeros(4), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("log", [False, True])
+def test_logit_softmax_fast_equals_original(device, log):
+    x = torch.randn(5, 3001, device=device) * 3
+    t = torch.rand(5, device=device) + 0.5
+    with flags.override(logit_softmax=False):
+        ref = xs.logit_softmax(x, t, log=log)
+    out = torch.empty_like(ref)
+    got = xs.logit_softmax(x, t, log=log, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert (got - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_fast_and_original_agree_on_greedy(device):
+    x = torch.randn(7, 5000, device=device)
+    fast = xs.sample(x, temperature=0.0)
+    with flags.override(sampler=False):
+        original = xs.sample(x, temperature=0.0)
+    assert torch.equal(fast.tokens, original.tokens) and torch.equal(fast.tokens, x.argmax(-1))
+    assert torch.allclose(fast.logprobs, original.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_full_vocab_path_keeps_the_top_p_nucleus(device):
+    x = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0] + [-9.0] * 2000], device=device)
+    tokens = xs.sample(x.expand(4000, -1), top_p=0.9, position=torch.arange(4000, device=device)).tokens
+    assert set(tokens.tolist()) == {0, 1}  # p = 0.663, 0.244, 0.090, ...: mass before token 2 is 0.907
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_step_fast_equals_original(device):
+    x = torch.randn(12, 777, device=device)
+    s = -torch.rand(12, device=device)
+    fast = xs.beam_search_step(x, s, 3)
+    with flags.override(beam_search=False):
+        original = xs.beam_search_step(x, s, 3)
+    assert torch.equal(fast.tokens, original.tokens) and torch.equal(fast.beams, original.beams)
+    assert (fast.scores - original.scores).abs().max().item() <= 1e-5
+
+
+def test_graph_runner_runs_eagerly_on_cpu():
+    runner = GraphRunner(lambda x, t: xs.sample(x, temperature=t))
+    x = torch.randn(3, 50)
+    out = runner(x, torch.zeros(3))
+    assert torch.equal(out.tokens, x.argmax(-1)) and runner.eager_calls == 1 and runner.captures == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 5, 16, 300])
+def test_graph_replay_equals_eager_bit_for_bit(batch):
+    def step(logits, temperature, seed, position):
+        return xs.sample(logits, temperature=temperature, top_k=50, top_p=0.9, seed=seed, position=position)
+
+    runner = GraphRunner(step)
+    for position in range(3):
+        args = (torch.randn(batch, 32000, device="cuda") * 3, torch.full((batch,), 0.8, device="cuda"),
+                torch.arange(batch, device="cuda"), torch.full((batch,), position, device="cuda"))
+        graphed = runner(*args)
+        eager = step(*args)
+        assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.logprobs, eager.logprobs)
+    assert runner.captures == (1 if batch <= 256 else 0) and runner.replays == (3 if batch <= 256 else 0)
+
+
+@pytest.mark.cuda
+def test_graph_capture_failure_falls_back_with_one_warning():
+    def step(x):
+        return x[x > 0].sum(-1, keepdim=True).expand(x.shape[0], 1) + x.nonzero().shape[0]  # syncs: not capturable
+
+    runner = GraphRunner(step)
+    x = torch.randn(4, 10, device="cuda")
+    with pytest.warns(RuntimeWarning, match="capture .* failed"):
+        first = runner(x)
+    assert torch.equal(first, step(x)) and runner.captures == 0
+    assert torch.equal(runner(x), step(x))
