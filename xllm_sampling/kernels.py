@@ -17,7 +17,7 @@ from pathlib import Path
 from .paths import CSRC_DIR
 
 log = logging.getLogger(__name__)
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]  # no fast-math: expf and division stay IEEE-accurate
 
 
 def sources(step: str) -> list[Path]:
@@ -44,7 +44,7 @@ def extra_include_paths() -> list[str]:
     return [str(inc) for root in roots for inc in sorted(root.glob("cu*/include")) if inc.is_dir()]
 
 
-def build(step: str, arch_list: str, verbose: bool = False):
+def build(step: str, arch_list: str, verbose: bool = False, extra_ldflags: list[str] | None = None):
     """Compile and import ``step``'s extension for ``arch_list`` (a TORCH_CUDA_ARCH_LIST value)."""
     from torch.utils import cpp_extension
 
@@ -58,8 +58,9 @@ def build(step: str, arch_list: str, verbose: bool = False):
         name=f"xllm_sampling_{step}",
         sources=[str(p) for p in sources(step)],
         extra_include_paths=[str(CSRC_DIR)] + extra_include_paths(),
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         extra_cuda_cflags=NVCC_FLAGS,
+        extra_ldflags=extra_ldflags or [],
         verbose=verbose,
     )
 

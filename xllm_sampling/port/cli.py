@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import flags
+from .. import bench, flags, gate
 from ..paths import SERIES_DIR
 from . import demo, driver
 from .errors import PortError, UsageError
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("value", nargs="?")
     p.add_argument("--target", type=Path, help="use the target's flags file (.git/xllm_port/flags.toml)")
+
+    p = sub.add_parser("bench", parents=[common], help="time each op: torch, fast path, FlashInfer")
+    p.add_argument("--ops", nargs="+", choices=bench.OPS, default=list(bench.OPS))
+    p.add_argument("--batch", nargs="+", type=int, help="default: 1 16 64 256 on a GPU, 1 16 on CPU")
+    p.add_argument("--vocab", nargs="+", type=int, help="default: 32000 128256 151936 on a GPU, 32000 on CPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--plot", type=Path, help="write a PNG: time against batch per implementation")
 
     p = sub.add_parser("demo", parents=[common], help="create the reference engine and apply the whole series")
     p.add_argument("--dir", type=Path, help="where to create the target (default: a new temporary folder)")
@@ -127,6 +135,19 @@ def _demo(args, progress) -> tuple[object, int]:
             "steps": [asdict(r) for r in reports]}, code
 
 
+def _bench(args, progress) -> dict:
+    import torch
+
+    gpu = gate.device_kind() == "cuda"
+    batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
+    vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
+    report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
+    if args.plot:
+        bench.plot(report, str(args.plot))
+        progress(f"plot written to {args.plot}")
+    return report
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv``; returns the exit code."""
     try:
@@ -143,6 +164,8 @@ def run(argv: list[str] | None = None) -> int:
             result = driver.status(args.target, args.series)
         elif args.command == "flags":
             result = _flags(args)
+        elif args.command == "bench":
+            result = _bench(args, progress)
         else:
             result, code = _demo(args, progress)
     except PortError as e:
@@ -171,6 +194,8 @@ def _output(args, result) -> None:
             ratio = f", gate {gate['device']} {gate['ratio']:.3f}" if "ratio" in gate else ""
             print(f"{row['step']:14} {'applied' if row['applied'] else 'not applied':12} {(row['commit'] or '-')[:10]:10} "
                   f"{row['flag']}={str(row['flag_value']).lower():6} {verified}{ratio}")
+    elif args.command == "bench":
+        print(bench.table(result))
     elif args.command == "flags":
         rows = result if isinstance(result, list) else [result]
         for row in rows:
@@ -184,3 +209,7 @@ def _output(args, result) -> None:
 def main() -> None:
     """Console entry point."""
     sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+// Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
+//
+// Two launches over a grid of (splits, batch) blocks, each block owning one chunk of one row:
+//   1. partial_stats: online (max, sum of exp) of its chunk, 16-byte vector loads;
+//   2. normalize: combines the row's partials, then writes exp(x/t - max) / sum (or its log).
+// A small batch splits each row over many blocks so that B = 1 still fills the GPU.
+// NaN anywhere in a row makes the whole row NaN and an all -inf row is NaN, as torch.softmax.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Stats {
+  float m;  // running max
+  float s;  // sum of exp(x - m)
+};
+
+__device__ __forceinline__ void add(Stats& a, float x) {
+  if (x > a.m) {
+    a.s = a.s * expf(a.m - x) + 1.f;  // a.m = -inf: 0 * 0 + 1
+    a.m = x;
+  } else if (x != -INFINITY) {
+    a.s += expf(x - a.m);  // NaN x gives NaN, which spreads to the whole row
+  }
+}
+
+__device__ __forceinline__ Stats combine(Stats a, Stats b) {
+  float m = fmaxf(a.m, b.m);
+  float sa = a.s == 0.f ? 0.f : a.s * expf(a.m - m);
+  float sb = b.s == 0.f ? 0.f : b.s * expf(b.m - m);
+  return {m, sa + sb};
+}
+
+__device__ Stats block_reduce(Stats v) {
+  __shared__ Stats warp_stats[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) {
+    Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
+    v = combine(v, o);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_stats[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f};
+    for (int off = 16; off > 0; off >>= 1) {
+      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
+      v = combine(v, o);
+    }
+    if (lane == 0) warp_stats[0] = v;
+  }
+  __syncthreads();
+  Stats r = warp_stats[0];
+  __syncthreads();
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// VEC elements of T per 16-byte load (VEC = 1: scalar loads for unaligned rows).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+
+struct Chunk {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ Chunk chunk_of(int64_t vocab, int64_t chunk) {
+  int64_t begin = blockIdx.x * chunk;
+  return {begin, min(begin + chunk, vocab)};
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                          Stats* __restrict__ partials, int64_t vocab, int64_t chunk) {
+  const int64_t row = blockIdx.y;
+  const T* x = logits + row * vocab;
+  const float t = temp ? temp[row] : 1.f;
+  const Chunk c = chunk_of(vocab, chunk);
+  Stats st{-INFINITY, 0.f};
+  for (int64_t i = c.begin + threadIdx.x * VEC; i < c.end; i += kThreads * VEC) {
+    Vec<T, VEC> v = load<T, VEC>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) add(st, to_float(v.v[j]) / t);
+  }
+  st = block_reduce(st);
+  if (threadIdx.x == 0) partials[row * gridDim.x + blockIdx.x] = st;
+}
+
+template <typename T, int VEC, bool LOG>
+__global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                      const Stats* __restrict__ partials, float* __restrict__ out,
+                                                      int64_t vocab, int64_t chunk) {
+  const int64_t row = blockIdx.y;
+  Stats st{-INFINITY, 0.f};
+  for (int i = threadIdx.x; i < gridDim.x; i += kThreads) st = combine(st, partials[row * gridDim.x + i]);
+  st = block_reduce(st);
+  const float t = temp ? temp[row] : 1.f;
+  const float log_sum = logf(st.s);
+  const float inv_sum = 1.f / st.s;
+  const T* x = logits + row * vocab;
+  float* y = out + row * vocab;
+  const Chunk c = chunk_of(vocab, chunk);
+  for (int64_t i = c.begin + threadIdx.x * VEC; i < c.end; i += kThreads * VEC) {
+    Vec<T, VEC> v = load<T, VEC>(x + i);
+    Vec<float, VEC> r;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float z = to_float(v.v[j]) / t - st.m;
+      r.v[j] = LOG ? z - log_sum : expf(z) * inv_sum;
+    }
+    *reinterpret_cast<Vec<float, VEC>*>(y + i) = r;
+  }
+}
+
+template <typename T, int VEC>
+void launch(const torch::Tensor& logits, const float* temp, bool log, torch::Tensor& out) {
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Enough blocks for ~4 per SM, but at least 4 vector loads per thread in each chunk.
+  const int64_t by_gpu = (4 * sms + batch - 1) / batch;
+  const int64_t by_work = (vocab + kThreads * VEC * 4 - 1) / (kThreads * VEC * 4);
+  const int64_t splits = std::max<int64_t>(1, std::min(by_gpu, by_work));
+  const int64_t chunk = ((vocab + splits - 1) / splits + VEC - 1) / VEC * VEC;
+  const int64_t grid_x = (vocab + chunk - 1) / chunk;
+  auto partials = torch::empty({batch * grid_x * 2}, logits.options().dtype(torch::kFloat32));
+  Stats* p = reinterpret_cast<Stats*>(partials.data_ptr<float>());
+  const dim3 grid(grid_x, batch);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* x = reinterpret_cast<const T*>(logits.data_ptr());
+  partial_stats<T, VEC><<<grid, kThreads, 0, stream>>>(x, temp, p, vocab, chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (log) {
+    normalize<T, VEC, true><<<grid, kThreads, 0, stream>>>(x, temp, p, out.data_ptr<float>(), vocab, chunk);
+  } else {
+    normalize<T, VEC, false><<<grid, kThreads, 0, stream>>>(x, temp, p, out.data_ptr<float>(), vocab, chunk);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_vec(const torch::Tensor& logits, const float* temp, bool log, torch::Tensor& out) {
+  constexpr int kVec = 16 / sizeof(T);
+  // Rows start on vector boundaries when vocab % kVec == 0 and both bases are aligned
+  // (the float32 output vector is 4 * kVec bytes wide).
+  const bool aligned = logits.size(1) % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out.data_ptr()) % (4 * kVec) == 0;
+  if (aligned) {
+    launch<T, kVec>(logits, temp, log, out);
+  } else {
+    launch<T, 1>(logits, temp, log, out);
+  }
+}
+
+}  // namespace
+
+void logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, bool log, torch::Tensor out) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
+              "out: contiguous float32 tensor shaped like logits");
+  const float* temp = nullptr;
+  if (temperature.has_value()) {
+    TORCH_CHECK(temperature->scalar_type() == torch::kFloat32 && temperature->is_contiguous() &&
+                    temperature->numel() == logits.size(0),
+                "temperature: contiguous float32 (batch,)");
+    temp = temperature->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  switch (logits.scalar_type()) {
+    case torch::kFloat32: dispatch_vec<float>(logits, temp, log, out); break;
+    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, log, out); break;
+    case torch::kFloat16: dispatch_vec<__half>(logits, temp, log, out); break;
+    default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("logit_softmax", &logit_softmax, "softmax / log-softmax of logits / temperature (float32 out)");
+}

@@ -1,0 +1,186 @@
+"""``xllm-port bench``: each op side by side (original torch path, fast path, FlashInfer if installed).
+
+On a GPU every call is timed alone with CUDA events after the L2 cache is flushed and with the
+input rotated among copies, median of ``reps``; the measured device-to-device copy bandwidth
+gives each cell's floor (its compulsory bytes over that bandwidth). On CPU the figures are CPU
+figures (``time.perf_counter``), at smaller default sizes.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import flags, gate
+from .air_topk import air_topk_last_dim
+from .beam_search import beam_search_step
+from .logit_softmax import logit_softmax
+from .sampler import sample
+
+OPS = ("logit_softmax", "topk", "sampling", "beam_search")
+NUM_BEAMS = 4
+
+
+@dataclass
+class Cell:
+    """One op at one size: median microseconds per implementation (None: not available)."""
+
+    op: str
+    batch: int
+    vocab: int
+    dtype: str
+    floor_us: float | None
+    original_us: float | None
+    fast_us: float | None
+    flashinfer_us: float | None
+
+
+def _flashinfer():
+    try:
+        import flashinfer
+        import flashinfer.sampling  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not installed" here
+        return None
+    return flashinfer
+
+
+def _implementations(op: str, fi) -> dict[str, Callable | None]:
+    """(inputs) -> result callables for the original path, the fast path and FlashInfer."""
+    def with_flag(name, on, fn):
+        def run(*args):
+            with flags.override(**{name: on}):
+                return fn(*args)
+        return run
+
+    if op == "logit_softmax":
+        fn = lambda x, t: logit_softmax(x, t)  # noqa: E731
+        ref = fi and (lambda x, t: fi.sampling.softmax(x, t))
+        return {"original": with_flag("logit_softmax", False, fn), "fast": with_flag("logit_softmax", True, fn), "flashinfer": ref}
+    if op == "topk":
+        fn = lambda x, t: air_topk_last_dim(x, 50)  # noqa: E731
+        ref = fi and (lambda x, t: fi.top_k(x, 50, sorted=True))
+        return {"original": with_flag("air_topk", False, fn), "fast": with_flag("air_topk", True, fn), "flashinfer": ref}
+    if op == "sampling":
+        fn = lambda x, t: sample(x, temperature=t, top_k=50, top_p=0.9)  # noqa: E731
+        ref = fi and (lambda x, t: fi.sampling.top_k_top_p_sampling_from_logits(x / t[:, None], 50, 0.9))
+        return {"original": with_flag("sampler", False, fn), "fast": with_flag("sampler", True, fn), "flashinfer": ref}
+    scores = {}
+
+    def beam(x, t):
+        s = scores.setdefault(x.shape[0], torch.zeros(x.shape[0], device=x.device))
+        return beam_search_step(x, s, NUM_BEAMS)
+
+    return {"original": with_flag("beam_search", False, beam), "fast": with_flag("beam_search", True, beam), "flashinfer": None}
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = [_time(lambda: dst.copy_(src), device) for _ in range(10)]
+    return 2 * n / (statistics.median(times) * 1e-6)
+
+
+def _time(fn: Callable[[], object], device: str, flush: torch.Tensor | None = None) -> float:
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    if flush is not None:
+        flush.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def _floor_bytes(op: str, batch: int, vocab: int, dtype: torch.dtype) -> int:
+    read = batch * vocab * dtype.itemsize * (NUM_BEAMS if op == "beam_search" else 1)
+    return read + (batch * vocab * 4 if op == "logit_softmax" else 0)
+
+
+def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, bandwidth: float, reps: int, fi) -> Cell:
+    """Time the three implementations of ``op`` at one size."""
+    rows = batch * NUM_BEAMS if op == "beam_search" else batch
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
+    copies = max(1, min(8, (2 * l2) // max(1, rows * vocab * dtype.itemsize) + 1))
+    inputs = [((torch.randn(rows, vocab, device=device) * 3).to(dtype), torch.full((rows,), 0.8, device=device))
+              for _ in range(copies)]
+    flush = torch.empty(2 * l2, dtype=torch.uint8, device=device) if device == "cuda" else None
+    result = {}
+    for name, fn in _implementations(op, fi).items():
+        if fn is None:
+            result[name] = None
+            continue
+        try:
+            for args in inputs[:2]:
+                fn(*args)
+            result[name] = statistics.median(_time(lambda: fn(*inputs[i % copies]), device, flush) for i in range(reps))
+        except Exception:  # noqa: BLE001 - an implementation that cannot run this cell shows n/a
+            result[name] = None
+    floor = _floor_bytes(op, batch, vocab, dtype) / bandwidth * 1e6
+    return Cell(op, batch, vocab, str(dtype).replace("torch.", ""), floor, result["original"], result["fast"], result["flashinfer"])
+
+
+def run(ops, batches, vocabs, dtype: torch.dtype, reps: int, progress: Callable[[str], None]) -> dict:
+    """Every op at every (batch, vocab): the header (machine, versions, bandwidth) and the cells."""
+    device = gate.device_kind()
+    fi = _flashinfer() if device == "cuda" else None
+    bandwidth = copy_bandwidth(device)
+    header = gate.environment() | {"copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+                                   "flashinfer": getattr(fi, "__version__", "not installed") if fi else "not installed"}
+    cells = []
+    total = len(ops) * len(batches) * len(vocabs)
+    for op in ops:
+        for batch in batches:
+            for vocab in vocabs:
+                cells.append(measure(op, batch, vocab, dtype, device, bandwidth, reps, fi))
+                progress(f"[{len(cells)}/{total}] {op} B={batch} V={vocab}")
+    return {"header": header, "cells": [asdict(c) for c in cells]}
+
+
+def table(report: dict) -> str:
+    """The report as a text table, each time with its ratio to the floor."""
+    h = report["header"]
+    lines = [f"# {h.get('gpu', 'CPU (figures are CPU figures)')}; torch {h['torch']}, CUDA {h['cuda']}, driver "
+             f"{h.get('driver')}; copy bandwidth {h['copy_bandwidth_GBps']} GB/s; FlashInfer {h['flashinfer']}",
+             f"{'op':14} {'B':>5} {'V':>7} {'floor us':>9} {'torch us':>14} {'fast us':>14} {'flashinfer us':>14}"]
+
+    def fmt(us, floor):
+        return f"{'n/a':>14}" if us is None else f"{us:8.1f} ({us / floor:4.1f}x)"
+
+    for c in report["cells"]:
+        f = c["floor_us"]
+        lines.append(f"{c['op']:14} {c['batch']:5} {c['vocab']:7} {f:9.1f} {fmt(c['original_us'], f)} "
+                     f"{fmt(c['fast_us'], f)} {fmt(c['flashinfer_us'], f)}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Per op, time against batch size per implementation at the largest vocab, with the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(c["op"] for c in report["cells"]))
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        cells = [c for c in report["cells"] if c["op"] == op]
+        vocab = max(c["vocab"] for c in cells)
+        cells = [c for c in cells if c["vocab"] == vocab]
+        batches = [c["batch"] for c in cells]
+        for key, label in (("original_us", "torch"), ("fast_us", "xllm_sampling"), ("flashinfer_us", "FlashInfer"), ("floor_us", "bandwidth floor")):
+            ys = [c[key] for c in cells]
+            if any(y is not None for y in ys):
+                ax.plot(batches, [y if y is not None else float("nan") for y in ys], "--" if key == "floor_us" else "-o", label=label)
+        ax.set(title=f"{op}, V={vocab}", xlabel="batch", ylabel="us", xscale="log", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
