@@ -92,6 +92,7 @@ def _time(fn: Callable[[], object], device: str, flush: torch.Tensor | None = No
         return (time.perf_counter() - start) * 1e6
     if flush is not None:
         flush.zero_()
+    torch.cuda._sleep(2_000_000)  # the launch overhead overlaps this spin: the events time GPU work
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()

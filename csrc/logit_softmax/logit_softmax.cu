@@ -1,6 +1,6 @@
 // Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
 //
-// Two launches over a grid of (splits, batch) blocks, each block owning one chunk of one row:
+// Two launches over a grid of (batch, splits) blocks, each block owning one chunk of one row:
 //   1. partial_stats: online (max, sum of exp) of its chunk, 16-byte vector loads;
 //   2. normalize: combines the row's partials, then writes exp(x/t - max) / sum (or its log).
 // A small batch splits each row over many blocks so that B = 1 still fills the GPU.
@@ -82,14 +82,14 @@ struct Chunk {
 };
 
 __device__ __forceinline__ Chunk chunk_of(int64_t vocab, int64_t chunk) {
-  int64_t begin = blockIdx.x * chunk;
+  int64_t begin = blockIdx.y * chunk;
   return {begin, min(begin + chunk, vocab)};
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ logits, const float* __restrict__ temp,
                                                           Stats* __restrict__ partials, int64_t vocab, int64_t chunk) {
-  const int64_t row = blockIdx.y;
+  const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
   const float t = temp ? temp[row] : 1.f;
   const Chunk c = chunk_of(vocab, chunk);
@@ -100,16 +100,16 @@ __global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ 
     for (int j = 0; j < VEC; ++j) add(st, to_float(v.v[j]) / t);
   }
   st = block_reduce(st);
-  if (threadIdx.x == 0) partials[row * gridDim.x + blockIdx.x] = st;
+  if (threadIdx.x == 0) partials[row * gridDim.y + blockIdx.y] = st;
 }
 
 template <typename T, int VEC, bool LOG>
 __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logits, const float* __restrict__ temp,
                                                       const Stats* __restrict__ partials, float* __restrict__ out,
                                                       int64_t vocab, int64_t chunk) {
-  const int64_t row = blockIdx.y;
+  const int64_t row = blockIdx.x;
   Stats st{-INFINITY, 0.f};
-  for (int i = threadIdx.x; i < gridDim.x; i += kThreads) st = combine(st, partials[row * gridDim.x + i]);
+  for (int i = threadIdx.x; i < gridDim.y; i += kThreads) st = combine(st, partials[row * gridDim.y + i]);
   st = block_reduce(st);
   const float t = temp ? temp[row] : 1.f;
   const float log_sum = logf(st.s);
@@ -138,10 +138,10 @@ void launch(const torch::Tensor& logits, const float* temp, bool log, torch::Ten
   const int64_t by_work = (vocab + kThreads * VEC * 4 - 1) / (kThreads * VEC * 4);
   const int64_t splits = std::max<int64_t>(1, std::min(by_gpu, by_work));
   const int64_t chunk = ((vocab + splits - 1) / splits + VEC - 1) / VEC * VEC;
-  const int64_t grid_x = (vocab + chunk - 1) / chunk;
-  auto partials = torch::empty({batch * grid_x * 2}, logits.options().dtype(torch::kFloat32));
+  const int64_t chunks = (vocab + chunk - 1) / chunk;
+  auto partials = torch::empty({batch * chunks * 2}, logits.options().dtype(torch::kFloat32));
   Stats* p = reinterpret_cast<Stats*>(partials.data_ptr<float>());
-  const dim3 grid(grid_x, batch);
+  const dim3 grid(batch, chunks);  // batch on x: up to 2^31 - 1 rows
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* x = reinterpret_cast<const T*>(logits.data_ptr());
   partial_stats<T, VEC><<<grid, kThreads, 0, stream>>>(x, temp, p, vocab, chunk);
