@@ -58,11 +58,14 @@ def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params
     if isinstance(top_p, (int, float)) and top_p == 0:
         raise ValueError("top_p: value 0 outside (0, 1]")
     t = host_or_device("temperature", 1.0 if temperature is None else temperature, torch.float32)
-    k = _checks.per_row("top_k", 0 if top_k is None else top_k, batch,
-                        top_k.device if isinstance(top_k, torch.Tensor) else dev, torch.int64)
-    k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
-    k_max = int(k.max()) if k.device.type == "cpu" else vocab  # a device tensor is not read: no sync
-    k = host_or_device("top_k", k, torch.int64)
+    if isinstance(top_k, torch.Tensor):
+        k = _checks.per_row("top_k", top_k, batch, top_k.device, torch.int64)
+        k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
+        k_max = int(k.max()) if k.device.type == "cpu" else vocab  # a device tensor is not read: no sync
+        k = host_or_device("top_k", k, torch.int64)
+    else:  # one number for every row: known on the host, nothing to copy (graph-capture safe)
+        k_max = top_k if top_k and 0 < top_k < vocab else vocab
+        k = torch.full((batch,), k_max, dtype=torch.int64, device=dev)
     p = host_or_device("top_p", 1.0 if top_p is None else top_p, torch.float32)
     m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
     seed = host_or_device("seed", 0 if seed is None else seed, torch.int64)
