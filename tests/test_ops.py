@@ -23,6 +23,14 @@ def test_uniform_depends_on_seed_and_position_only():
     assert rng.uniform(seed[1:2], pos[1:2]).item() == u[1].item()
 
 
+@pytest.mark.cuda
+def test_philox_kernel_matches_torch_bit_for_bit():
+    seed = torch.randint(-(2**62), 2**62, (4099,), device="cuda")
+    position = torch.randint(0, 2**40, (4099,), device="cuda")
+    for stream in (0, 7):
+        assert torch.equal(rng.uniform(seed, position, stream), rng.uniform_torch(seed, position, stream))
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: xs.logit_softmax(torch.randn(4)), "logits: expected a 2-D tensor"),
     (lambda: xs.logit_softmax(torch.randint(0, 3, (2, 4))), "logits: dtype torch.int64"),
@@ -66,7 +74,7 @@ def test_logit_softmax_fast_equals_original(device, log):
     out = torch.empty_like(ref)
     got = xs.logit_softmax(x, t, log=log, out=out)
     assert got.data_ptr() == out.data_ptr()
-    assert (got - ref).abs().max().item() <= 1e-6
+    assert ((got - ref).abs() <= 1e-6 + 2e-7 * ref.abs()).all()  # log-probs of -16 are 2e-6 apart per ulp
 
 
 @pytest.mark.parametrize("device", DEVICES)

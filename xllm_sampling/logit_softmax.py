@@ -6,18 +6,29 @@ import torch
 from . import _checks, flags, kernels, nvtx
 
 
-def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | None:
-    """Per-row float32 temperatures with 0 read as 1 (greedy is the sampler's job), or None."""
+def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | None:
+    """The checked temperature: None, a Python float, or a float32 (batch,) tensor on the logits' device."""
     if temperature is None:
         return None
-    _checks.number_in("temperature", temperature, 0.0)
+    if not isinstance(temperature, torch.Tensor):
+        _checks.number_in("temperature", temperature, 0.0)
+        return float(temperature)
     t = _checks.per_row("temperature", temperature, logits.shape[0], logits.device, torch.float32)
     _checks.values_in("temperature", t, 0.0, float("inf"), lo_open=False, hi_open=False)
+    return t
+
+
+def _per_row_ones_for_zero(t, logits: torch.Tensor) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.full((logits.shape[0],), t, dtype=torch.float32, device=logits.device)
     return torch.where(t == 0, torch.ones_like(t), t)
 
 
-def original(logits: torch.Tensor, temperature: torch.Tensor | None, log: bool = False) -> torch.Tensor:
-    """The engine's original path: ``torch.softmax(logits.float() / t, -1)``."""
+def original(logits: torch.Tensor, temperature, log: bool = False) -> torch.Tensor:
+    """The engine's original path: ``torch.softmax(logits.float() / t, -1)``, t = 0 read as 1."""
+    temperature = _per_row_ones_for_zero(temperature, logits)
     x = logits.float()
     if temperature is not None:
         x = x / temperature[:, None]
@@ -52,5 +63,6 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
             return result if out is None else out.copy_(result)
         if out is None:
             out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        kernel.logit_softmax(logits.contiguous(), t, log, out)
+        tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
+        kernel.logit_softmax(logits.contiguous(), tensor.contiguous() if tensor is not None else None, scalar, log, out)
         return out

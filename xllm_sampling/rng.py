@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -37,7 +39,19 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch
 
 
 def uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per element of ``seed``/``position`` (int64 tensors, same shape)."""
+    """One float64 uniform in [0, 1) per element of ``seed``/``position`` (int64 tensors, same shape).
+
+    On a GPU one launch of the sampler extension computes it; elsewhere (or without a compiler)
+    the same bits come from the torch implementation below.
+    """
+    kernel = kernels.load("sampler") if seed.is_cuda else None
+    if kernel is not None:
+        return kernel.uniform(seed.contiguous(), position.contiguous(), stream)
+    return uniform_torch(seed, position, stream)
+
+
+def uniform_torch(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """:func:`uniform` in plain torch operations (the reference the CUDA kernel must match bit for bit)."""
     zero = torch.zeros_like(position)
     x0, x1, _, _ = philox4x32(
         (position, position >> 32, zero + stream, zero), (seed, seed >> 32)

@@ -81,6 +81,12 @@ struct Chunk {
   int64_t begin, end;
 };
 
+// The row's temperature: the per-row tensor if given, else the scalar; 0 is read as 1.
+__device__ __forceinline__ float row_temperature(const float* temp, float scalar, int64_t row) {
+  const float t = temp ? temp[row] : scalar;
+  return t == 0.f ? 1.f : t;
+}
+
 __device__ __forceinline__ Chunk chunk_of(int64_t vocab, int64_t chunk) {
   int64_t begin = blockIdx.y * chunk;
   return {begin, min(begin + chunk, vocab)};
@@ -88,10 +94,11 @@ __device__ __forceinline__ Chunk chunk_of(int64_t vocab, int64_t chunk) {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ logits, const float* __restrict__ temp,
-                                                          Stats* __restrict__ partials, int64_t vocab, int64_t chunk) {
+                                                          float temp_scalar, Stats* __restrict__ partials, int64_t vocab,
+                                                          int64_t chunk) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
-  const float t = temp ? temp[row] : 1.f;
+  const float t = row_temperature(temp, temp_scalar, row);
   const Chunk c = chunk_of(vocab, chunk);
   Stats st{-INFINITY, 0.f};
   for (int64_t i = c.begin + threadIdx.x * VEC; i < c.end; i += kThreads * VEC) {
@@ -105,13 +112,13 @@ __global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ 
 
 template <typename T, int VEC, bool LOG>
 __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logits, const float* __restrict__ temp,
-                                                      const Stats* __restrict__ partials, float* __restrict__ out,
-                                                      int64_t vocab, int64_t chunk) {
+                                                      float temp_scalar, const Stats* __restrict__ partials,
+                                                      float* __restrict__ out, int64_t vocab, int64_t chunk) {
   const int64_t row = blockIdx.x;
   Stats st{-INFINITY, 0.f};
   for (int i = threadIdx.x; i < gridDim.y; i += kThreads) st = combine(st, partials[row * gridDim.y + i]);
   st = block_reduce(st);
-  const float t = temp ? temp[row] : 1.f;
+  const float t = row_temperature(temp, temp_scalar, row);
   const float log_sum = logf(st.s);
   const float inv_sum = 1.f / st.s;
   const T* x = logits + row * vocab;
@@ -130,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
 }
 
 template <typename T, int VEC>
-void launch(const torch::Tensor& logits, const float* temp, bool log, torch::Tensor& out) {
+void launch(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Enough blocks for ~4 per SM, but at least 4 vector loads per thread in each chunk.
@@ -144,48 +151,49 @@ void launch(const torch::Tensor& logits, const float* temp, bool log, torch::Ten
   const dim3 grid(batch, chunks);  // batch on x: up to 2^31 - 1 rows
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* x = reinterpret_cast<const T*>(logits.data_ptr());
-  partial_stats<T, VEC><<<grid, kThreads, 0, stream>>>(x, temp, p, vocab, chunk);
+  partial_stats<T, VEC><<<grid, kThreads, 0, stream>>>(x, temp, temp_scalar, p, vocab, chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (log) {
-    normalize<T, VEC, true><<<grid, kThreads, 0, stream>>>(x, temp, p, out.data_ptr<float>(), vocab, chunk);
+    normalize<T, VEC, true><<<grid, kThreads, 0, stream>>>(x, temp, temp_scalar, p, out.data_ptr<float>(), vocab, chunk);
   } else {
-    normalize<T, VEC, false><<<grid, kThreads, 0, stream>>>(x, temp, p, out.data_ptr<float>(), vocab, chunk);
+    normalize<T, VEC, false><<<grid, kThreads, 0, stream>>>(x, temp, temp_scalar, p, out.data_ptr<float>(), vocab, chunk);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void dispatch_vec(const torch::Tensor& logits, const float* temp, bool log, torch::Tensor& out) {
+void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
   constexpr int kVec = 16 / sizeof(T);
   // Rows start on vector boundaries when vocab % kVec == 0 and both bases are aligned
   // (the float32 output vector is 4 * kVec bytes wide).
   const bool aligned = logits.size(1) % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(out.data_ptr()) % (4 * kVec) == 0;
   if (aligned) {
-    launch<T, kVec>(logits, temp, log, out);
+    launch<T, kVec>(logits, temp, temp_scalar, log, out);
   } else {
-    launch<T, 1>(logits, temp, log, out);
+    launch<T, 1>(logits, temp, temp_scalar, log, out);
   }
 }
 
 }  // namespace
 
-void logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, bool log, torch::Tensor out) {
+void logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar, bool log,
+                   torch::Tensor out) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
               "out: contiguous float32 tensor shaped like logits");
   const float* temp = nullptr;
   if (temperature.has_value()) {
-    TORCH_CHECK(temperature->scalar_type() == torch::kFloat32 && temperature->is_contiguous() &&
-                    temperature->numel() == logits.size(0),
+    TORCH_CHECK(temperature->is_cuda() && temperature->scalar_type() == torch::kFloat32 &&
+                    temperature->is_contiguous() && temperature->numel() == logits.size(0),
                 "temperature: contiguous float32 (batch,)");
     temp = temperature->data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   switch (logits.scalar_type()) {
-    case torch::kFloat32: dispatch_vec<float>(logits, temp, log, out); break;
-    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, log, out); break;
-    case torch::kFloat16: dispatch_vec<__half>(logits, temp, log, out); break;
+    case torch::kFloat32: dispatch_vec<float>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
+    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
+    case torch::kFloat16: dispatch_vec<__half>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
 }
