@@ -177,10 +177,11 @@ def plot(report: dict, path: str) -> None:
         vocab = max(c["vocab"] for c in cells)
         cells = [c for c in cells if c["vocab"] == vocab]
         batches = [c["batch"] for c in cells]
-        for key, label in (("original_us", "torch"), ("fast_us", "xllm_sampling"), ("flashinfer_us", "FlashInfer"), ("floor_us", "bandwidth floor")):
+        for key, label, style in (("original_us", "torch", "C0-o"), ("fast_us", "xllm_sampling", "C1-o"),
+                                  ("flashinfer_us", "FlashInfer", "C2-o"), ("floor_us", "bandwidth floor", "C3--")):
             ys = [c[key] for c in cells]
             if any(y is not None for y in ys):
-                ax.plot(batches, [y if y is not None else float("nan") for y in ys], "--" if key == "floor_us" else "-o", label=label)
+                ax.plot(batches, [y if y is not None else float("nan") for y in ys], style, label=label)
         ax.set(title=f"{op}, V={vocab}", xlabel="batch", ylabel="us", xscale="log", yscale="log")
         ax.legend()
     fig.tight_layout()
