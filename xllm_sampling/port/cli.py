@@ -143,7 +143,10 @@ def _bench(args, progress) -> dict:
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
     if args.plot:
-        bench.plot(report, str(args.plot))
+        try:
+            bench.plot(report, str(args.plot))
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'xllm-sampling[plot]'") from None
         progress(f"plot written to {args.plot}")
     return report
 
