@@ -3,19 +3,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+from xllm_sampling import gate
 from xllm_sampling.paths import PROJECT_ROOT, SERIES_DIR
 from xllm_sampling.port import demo
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    gate.skip_cuda_tests_without_gpu(items)
 
 
 @pytest.fixture

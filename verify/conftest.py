@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from xllm_sampling import gate
+from xllm_sampling import flags, gate
 
 TARGET = os.environ.get("XLLM_PORT_TARGET")
 if not TARGET:
@@ -24,12 +24,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    gate.skip_cuda_tests_without_gpu(items)
 
 
 @pytest.fixture(params=DEVICES)
@@ -48,6 +43,40 @@ def gate_threshold():
     if value is None:
         pytest.skip(f"the manifest sets no gate threshold for {gate.device_kind()}")
     return value
+
+
+@pytest.fixture
+def check_gate(benchmark, gate_threshold):
+    """check_gate(run, **measure_options): time run(False) (original) against run(True) (fast)
+    interleaved, keep the figures in pytest-benchmark's record, and assert the ratio is under
+    the manifest's threshold for this device."""
+    def check(run, **options):
+        result = gate.measure(lambda: run(False), lambda: run(True), **options)
+        gate.record(benchmark, result, lambda: run(True))
+        assert result.ratio < gate_threshold, f"fast/original = {result.ratio:.3f}, threshold {gate_threshold}"
+
+    return check
+
+
+@pytest.fixture
+def decode_with_flag(gate_device):
+    """decode_with_flag(flag) -> run(on): a 16-token decode of 8 requests with ``flag`` on or off."""
+    from engine.decode import Engine
+    from engine.sampling import SamplingParams
+
+    engine = Engine(device=gate_device)
+    batch = 8
+    prompts = torch.randint(1, engine.cfg.vocab, (batch, 6))
+    params = SamplingParams(torch.full((batch,), 0.8), 20, 0.9, 0.0, torch.arange(batch, dtype=torch.int64))
+
+    def with_flag(flag):
+        def run(on):
+            with flags.override(**{flag: on}):
+                engine.generate(prompts, 16, params)
+
+        return run
+
+    return with_flag
 
 
 @pytest.fixture

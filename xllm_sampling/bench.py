@@ -8,7 +8,6 @@ figures (``time.perf_counter``), at smaller default sizes.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -76,29 +75,13 @@ def _implementations(op: str, fi) -> dict[str, Callable | None]:
     return {"original": with_flag("beam_search", False, beam), "fast": with_flag("beam_search", True, beam), "flashinfer": None}
 
 
-def copy_bandwidth(device: str) -> float:
+def copy_bandwidth(device: str, timer: gate.Timer) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
     n = (1 << 30) if device == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    times = [_time(lambda: dst.copy_(src), device) for _ in range(10)]
+    times = [timer(lambda: dst.copy_(src)) for _ in range(10)]
     return 2 * n / (statistics.median(times) * 1e-6)
-
-
-def _time(fn: Callable[[], object], device: str, flush: torch.Tensor | None = None) -> float:
-    if device != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    if flush is not None:
-        flush.zero_()
-    torch.cuda._sleep(2_000_000)  # the launch overhead overlaps this spin: the events time GPU work
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
 
 
 def _floor_bytes(op: str, batch: int, vocab: int, dtype: torch.dtype) -> int:
@@ -106,14 +89,14 @@ def _floor_bytes(op: str, batch: int, vocab: int, dtype: torch.dtype) -> int:
     return read + (batch * vocab * 4 if op == "logit_softmax" else 0)
 
 
-def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, bandwidth: float, reps: int, fi) -> Cell:
+def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, bandwidth: float, reps: int, fi,
+            timer: gate.Timer) -> Cell:
     """Time the three implementations of ``op`` at one size."""
     rows = batch * NUM_BEAMS if op == "beam_search" else batch
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
     copies = max(1, min(8, (2 * l2) // max(1, rows * vocab * dtype.itemsize) + 1))
     inputs = [((torch.randn(rows, vocab, device=device) * 3).to(dtype), torch.full((rows,), 0.8, device=device))
               for _ in range(copies)]
-    flush = torch.empty(2 * l2, dtype=torch.uint8, device=device) if device == "cuda" else None
     result = {}
     for name, fn in _implementations(op, fi).items():
         if fn is None:
@@ -122,7 +105,7 @@ def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, ba
         try:
             for args in inputs[:2]:
                 fn(*args)
-            result[name] = statistics.median(_time(lambda: fn(*inputs[i % copies]), device, flush) for i in range(reps))
+            result[name] = statistics.median(timer(lambda: fn(*inputs[i % copies])) for i in range(reps))
         except Exception:  # noqa: BLE001 - an implementation that cannot run this cell shows n/a
             result[name] = None
     floor = _floor_bytes(op, batch, vocab, dtype) / bandwidth * 1e6
@@ -133,7 +116,8 @@ def run(ops, batches, vocabs, dtype: torch.dtype, reps: int, progress: Callable[
     """Every op at every (batch, vocab): the header (machine, versions, bandwidth) and the cells."""
     device = gate.device_kind()
     fi = _flashinfer() if device == "cuda" else None
-    bandwidth = copy_bandwidth(device)
+    timer = gate.Timer(device, host_overhead=False)
+    bandwidth = copy_bandwidth(device, timer)
     header = gate.environment() | {"copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
                                    "flashinfer": getattr(fi, "__version__", "not installed") if fi else "not installed"}
     cells = []
@@ -141,7 +125,7 @@ def run(ops, batches, vocabs, dtype: torch.dtype, reps: int, progress: Callable[
     for op in ops:
         for batch in batches:
             for vocab in vocabs:
-                cells.append(measure(op, batch, vocab, dtype, device, bandwidth, reps, fi))
+                cells.append(measure(op, batch, vocab, dtype, device, bandwidth, reps, fi, timer))
                 progress(f"[{len(cells)}/{total}] {op} B={batch} V={vocab}")
     return {"header": header, "cells": [asdict(c) for c in cells]}
 

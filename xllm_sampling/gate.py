@@ -56,7 +56,7 @@ def _driver_version() -> str | None:
         return None
 
 
-class _Timer:
+class Timer:
     """Times one call. On a GPU, ``host_overhead=False`` queues a spin kernel ahead of the call so
     that the Python launch overhead overlaps it and the events time the GPU work alone."""
 
@@ -81,6 +81,18 @@ class _Timer:
         return start.elapsed_time(end) * 1e3
 
 
+def skip_cuda_tests_without_gpu(items) -> None:
+    """pytest hook body: mark every ``cuda`` test skipped (visibly, with a reason) when no GPU is present."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def measure(original: Callable[[], object], fast: Callable[[], object], warmup: int = 3, rounds: int = 30,
             host_overhead: bool = False) -> GateResult:
     """Time ``original`` and ``fast`` alternately, ``rounds`` times each after ``warmup`` calls of each.
@@ -88,7 +100,7 @@ def measure(original: Callable[[], object], fast: Callable[[], object], warmup: 
     ``host_overhead=True`` keeps the CPU's launch time in a GPU figure (for whole decode loops,
     where removing it is the point, as with CUDA graphs)."""
     device = device_kind()
-    timer = _Timer(device, host_overhead)
+    timer = Timer(device, host_overhead)
     for _ in range(warmup):
         original(), fast()
     pairs = [(timer(original), timer(fast)) for _ in range(rounds)]
