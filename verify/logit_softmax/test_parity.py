@@ -32,10 +32,13 @@ def test_matches_float64_reference(device, shape, dtype, flag):
     assert probs.dtype == torch.float32 and probs.shape == shape
     # The SPEC's contract: torch's own float32 path, within 1e-6.
     assert (probs - reference(logits, temperature, torch.float32)).abs().max().item() <= 1e-6
-    # Against float64: the CUDA kernel's tree reductions hold 1e-6; torch's CPU sum drifts to ~1e-5 at 150k.
+    # Against float64: the CUDA kernel's tree reductions hold 1e-6 absolute. torch's own float32
+    # path (CPU, and the flag-off path) sums 150k terms in float32: its normaliser is off by up to
+    # ~1e-4 relative (2.5e-5 absolute was seen in CI), so it is held to a relative bound instead.
     kernel = device == "cuda" and flag
-    tolerance = 1e-6 if kernel else 2e-5
-    assert (probs.double() - reference(logits, temperature)).abs().max().item() <= tolerance
+    ref = reference(logits, temperature)
+    error = (probs.double() - ref).abs()
+    assert error.max().item() <= 1e-6 if kernel else (error <= 1e-6 + 2e-4 * ref).all()
     assert (probs.double().sum(-1) - 1).abs().max().item() <= (1e-5 if kernel else 3e-5)
 
 
