@@ -1,8 +1,10 @@
 """Step 2, ``air_topk``: top-k over the last dim through one wrapper that owns three caches.
 
-* workspace size: computed once per (batch, vocab, k, dtype) per thread;
-* workspace tensor: one per device, grow-only; a superseded buffer stays alive until
-  :func:`clear_caches`, because a CUDA graph may have captured it;
+* workspace size: computed once per (device, batch, vocab, k, dtype) per thread;
+* workspace tensor: one per device, zero-filled when made (the kernel leaves it zero after each
+  call), grow-only; a superseded buffer stays alive until :func:`clear_caches`, because a CUDA
+  graph may have captured it. Calls on different streams of one device share it, so they must
+  not run concurrently;
 * outputs: with ``cached_output=True``, one (values, indices) pair per (device, batch, k, dtype),
   overwritten by the next such call. Never a slice of a pair made for another k.
 
@@ -11,6 +13,8 @@ prove that repeated calls allocate nothing new.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -19,6 +23,7 @@ import torch
 from . import _checks, flags, kernels, nvtx
 
 KERNEL_MAX_K = 1024
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,13 +59,14 @@ def clear_caches() -> None:
     _local.sizes = {}
 
 
-def _workspace_size(kernel, batch: int, vocab: int, k: int, dtype: torch.dtype) -> int:
+def _workspace_size(kernel, x: torch.Tensor, k: int) -> int:
     sizes = getattr(_local, "sizes", None)
     if sizes is None:
         sizes = _local.sizes = {}
-    key = (batch, vocab, k, dtype)
+    batch, vocab = x.shape
+    key = (x.device, batch, vocab, k, x.dtype)
     if key not in sizes:
-        sizes[key] = kernel.workspace_size(batch, vocab, k, dtype) if kernel is not None else 0
+        sizes[key] = kernel.workspace_size(batch, vocab, k, x.device.index) if kernel is not None else 0
         with _lock:
             _counters.size_queries += 1
     return sizes[key]
@@ -74,7 +80,7 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor | None:
         if ws is None or ws.numel() < nbytes:
             if ws is not None:
                 _retired.append(ws)
-            ws = _workspaces[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            ws = _workspaces[device] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
             _counters.workspace_allocations += 1
         return ws
 
@@ -104,6 +110,11 @@ def _order_ties_by_index(values: torch.Tensor, indices: torch.Tensor, largest: b
     indices.copy_(i.gather(-1, order))
 
 
+@functools.cache
+def _say_large_k_uses_torch() -> None:
+    log.debug("xllm_sampling: air_topk with k > %d uses torch.topk", KERNEL_MAX_K)
+
+
 def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, largest: bool = True,
                       cached_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, int64 indices) over the last dim of a (batch, vocab) tensor.
@@ -111,7 +122,9 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
     ``sorted_by_value=True`` (default): values in descending order (ascending with
     ``largest=False``) as ``torch.topk(sorted=True)`` gives them, equal values by ascending index.
     ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order.
-    NaN counts as larger than every number, as in ``torch.topk``.
+    NaN counts as larger than every number, as in ``torch.topk`` (first with ``largest=True``,
+    never picked before a number with ``largest=False``). On the CUDA kernel path (k <= 1024)
+    -0.0 ranks just below +0.0 (their bit patterns are ordered); k > 1024 uses ``torch.topk``.
     ``cached_output=True`` returns the cached output pair for (device, batch, k, dtype): it is
     overwritten by the next cached call with the same key, so copy it if it must outlive that.
     Flag ``air_topk`` off: ``torch.topk``.
@@ -125,8 +138,11 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
     with nvtx.range("air_topk"):
         if not flags.enabled("air_topk"):
             return torch.topk(x, k, dim=-1, largest=largest, sorted=True)
-        kernel = kernels.load("air_topk") if x.is_cuda and k <= KERNEL_MAX_K else None
-        workspace = _workspace(x.device, _workspace_size(kernel, x.shape[0], vocab, k, x.dtype))
+        kernel = kernels.load("air_topk") if x.is_cuda else None
+        if kernel is not None and k > KERNEL_MAX_K:
+            _say_large_k_uses_torch()
+            kernel = None
+        workspace = _workspace(x.device, _workspace_size(kernel, x, k))
         values, indices = _output(x, k, cached_output)
         if kernel is not None:
             kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, values, indices)

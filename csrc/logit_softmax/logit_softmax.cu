@@ -1,19 +1,30 @@
 // Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
 //
-// Two launches over a grid of (batch, splits) blocks, each block owning one chunk of one row:
-//   1. partial_stats: online (max, sum of exp) of its chunk, 16-byte vector loads;
-//   2. normalize: combines the row's partials, then writes exp(x/t - max) / sum (or its log).
-// A small batch splits each row over many blocks so that B = 1 still fills the GPU.
+// Main path, one launch, logits read once: each row belongs to a thread-block cluster of
+// 1 to 16 blocks (Hopper). Each block loads its chunk of the row once (16-byte loads) into
+// shared memory as x / t while keeping an online (max, sum of exp); the cluster combines the
+// blocks' partials through distributed shared memory, and each block writes its chunk
+// normalised from shared memory. A small batch uses large clusters so that B = 1 fills 16 SMs.
+//
+// Rows too long for 16 blocks' shared memory take two launches over (batch, splits) blocks:
+//   1. partial_stats: online (max, sum of exp) of its chunk;
+//   2. normalize: combines the row's partials, then reads the chunk again and writes it.
 // NaN anywhere in a row makes the whole row NaN and an all -inf row is NaN, as torch.softmax.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+namespace cg = cooperative_groups;
+
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxCluster = 16;                   // non-portable cluster size, allowed on H100
+constexpr int64_t kMaxChunkBytes = 100 * 1024;    // shared memory per block: two blocks per SM
+constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer than this
 
 struct Stats {
   float m;  // running max
@@ -136,8 +147,107 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
   }
 }
 
+
+template <typename T, int VEC, bool LOG>
+__global__ void __launch_bounds__(kThreads) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                            float temp_scalar, float* __restrict__ out, int64_t vocab,
+                                                            int64_t chunk) {
+  extern __shared__ float cache[];  // this block's chunk of x / t
+  __shared__ Stats block_stats, row_stats;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int64_t row = blockIdx.y;
+  const float t = row_temperature(temp, temp_scalar, row);
+  const int64_t begin = static_cast<int64_t>(cluster.block_rank()) * chunk;
+  const int64_t end = min(begin + chunk, vocab);
+  const T* x = logits + row * vocab;
+  Stats st{-INFINITY, 0.f};
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
+    Vec<T, VEC> v = load<T, VEC>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float z = to_float(v.v[j]) / t;
+      cache[i - begin + j] = z;
+      add(st, z);
+    }
+  }
+  st = block_reduce(st);
+  if (threadIdx.x == 0) block_stats = st;
+  cluster.sync();
+  if (threadIdx.x < 32) {
+    const unsigned lane = threadIdx.x;
+    Stats v = lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f};
+    for (int off = 16; off > 0; off >>= 1) {
+      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
+      v = combine(v, o);
+    }
+    if (lane == 0) row_stats = v;
+  }
+  cluster.sync();  // every block's stats were read before any block moves on (and may exit)
+  const Stats total = row_stats;
+  const float log_sum = logf(total.s), inv_sum = 1.f / total.s;
+  float* y = out + row * vocab;
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
+    Vec<float, VEC> r;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float z = cache[i - begin + j] - total.m;
+      r.v[j] = LOG ? z - log_sum : expf(z) * inv_sum;
+    }
+    *reinterpret_cast<Vec<float, VEC>*>(y + i) = r;
+  }
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
+// the fewest whose chunk fits kMaxChunkBytes, doubled while the batch leaves SMs idle.
+int cluster_size(int64_t batch, int64_t vocab, int vec) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto chunk_of = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec); };
+  int cs = 1;
+  while (cs <= kMaxCluster && chunk_of(cs) * static_cast<int64_t>(sizeof(float)) > kMaxChunkBytes) cs *= 2;
+  if (cs > kMaxCluster || batch > 65535) return 0;
+  while (cs < kMaxCluster && batch * cs < sms && chunk_of(2 * cs) >= kMinClusterChunk) cs *= 2;
+  return cs;
+}
+
+template <typename T, int VEC, bool LOG>
+void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int cs) {
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int64_t chunk = round_up((vocab + cs - 1) / cs, VEC);
+  auto kernel = cluster_softmax<T, VEC, LOG>;
+  const size_t smem = static_cast<size_t>(chunk) * sizeof(float);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (cs > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cs, static_cast<unsigned>(batch));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cs;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar,
+                                    out.data_ptr<float>(), vocab, chunk));
+}
+
 template <typename T, int VEC>
 void launch(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
+  const int cs = cluster_size(logits.size(0), logits.size(1), VEC);
+  if (cs > 0) {
+    if (log) {
+      launch_cluster<T, VEC, true>(logits, temp, temp_scalar, out, cs);
+    } else {
+      launch_cluster<T, VEC, false>(logits, temp, temp_scalar, out, cs);
+    }
+    return;
+  }
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Enough blocks for ~4 per SM, but at least 4 vector loads per thread in each chunk.

@@ -1,0 +1,373 @@
+// Step air_topk: radix-select top-k over the last dim (after AIR top-k: radix passes with
+// per-pass histograms and early exit, no full sort), then an optional sort of the k winners.
+//
+// Every element becomes one 64-bit key, ordered like (value, -index):
+//   bits 63..(64 - B): the value's bits made order-preserving (B = 32 for float32, 16 for
+//                      bfloat16/float16; every NaN maps to the largest key, as torch.topk
+//                      ranks NaN above every number; largest=false inverts the value bits),
+//   bits 31..0:        ~index, so equal values rank the lower index first.
+// The keys are distinct, so "the k largest keys" is exactly torch.topk's set with ties broken
+// by the lower index, and sorting the winners by key gives torch.topk(sorted=True)'s order.
+//
+// One block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
+// and keeps every key at or above its admission bound in a shared-memory buffer. When the
+// buffer could overflow it is cut to its k largest keys by a radix select (8-bit digits from
+// the top, stopping as soon as the bucket holding the k-th key is taken whole); the bound
+// then rises to that cut, so after the first tiles almost nothing is admitted and the pass
+// runs at the speed of the loads.
+// Small batches split each row over `splits` blocks: each writes its k best keys to the
+// workspace, and the row's last block to finish (a ticket counter, reset by that block)
+// selects the final k from those splits * k keys. The workspace is zero when the kernel is
+// not running: the tickets sit at its start and each call leaves them at zero.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 16;                  // elements per thread per tile
+constexpr int kTile = kThreads * kItems;    // elements per tile
+constexpr int kMaxK = 1024;
+constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger batches never are)
+constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
+constexpr int64_t kMinChunk = 1024;         // a split block streams at least this many elements
+
+__host__ __device__ constexpr int capacity(int k) { return kTile + (2 * k > 1024 ? 2 * k : 1024); }
+
+// Order-preserving unsigned image of a value; NaN is the largest.
+__device__ __forceinline__ uint64_t value_bits(float x) {
+  uint32_t u = __float_as_uint(x);
+  if (x != x) return 0xFFFFFFFFu;
+  return u ^ ((u >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+__device__ __forceinline__ uint64_t value_bits(__nv_bfloat16 x) {
+  uint32_t u = __bfloat16_as_ushort(x);
+  if ((u & 0x7FFFu) > 0x7F80u) return 0xFFFFu;
+  return u ^ ((u >> 15) ? 0xFFFFu : 0x8000u);
+}
+__device__ __forceinline__ uint64_t value_bits(__half x) {
+  uint32_t u = __half_as_ushort(x);
+  if ((u & 0x7FFFu) > 0x7C00u) return 0xFFFFu;
+  return u ^ ((u >> 15) ? 0xFFFFu : 0x8000u);
+}
+
+template <typename T>
+struct Key {
+  static constexpr int kValueBits = 8 * sizeof(T);
+  // flip: all ones for largest=false (rank the smallest values first), else 0.
+  static __device__ __forceinline__ uint64_t make(T x, int64_t index, uint64_t flip) {
+    const uint64_t v = value_bits(x) ^ flip;
+    return (v << (64 - kValueBits)) | static_cast<uint32_t>(~static_cast<uint32_t>(index));
+  }
+};
+
+__device__ __forceinline__ int64_t index_of(uint64_t key) { return static_cast<uint32_t>(~static_cast<uint32_t>(key)); }
+
+// The shared state of one block's selection.
+struct Selection {
+  uint64_t* buf;         // capacity(k) keys
+  uint64_t* aux;         // k keys
+  int count;             // keys in buf
+  uint64_t bound;        // admission bound: keys below it cannot be among the k largest
+  int hist[256];
+  int found_bucket, found_greater, found_count, kept;
+};
+
+// Cut buf to its k largest keys (count > k). Returns with count == k and bound raised.
+__device__ void cut_to_k(Selection& s, int k) {
+  const int n = s.count;
+  uint64_t prefix = 0, mask = 0;
+  int remaining = k;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) s.hist[b] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const uint64_t key = s.buf[i];
+      if ((key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 0xFF], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane L holds buckets 8L .. 8L+7; find the bucket holding the remaining-th largest key.
+      const int lane = threadIdx.x;
+      int h[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += (h[j] = s.hist[8 * lane + j]);
+      int suffix = sum;  // sum over lanes >= lane
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_down_sync(0xFFFFFFFFu, suffix, off);
+        if (lane + off < 32) suffix += v;
+      }
+      int greater = suffix - sum;
+#pragma unroll
+      for (int j = 7; j >= 0; --j) {
+        if (greater < remaining && remaining <= greater + h[j]) {
+          s.found_bucket = 8 * lane + j;
+          s.found_greater = greater;
+          s.found_count = h[j];
+        }
+        greater += h[j];
+      }
+    }
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(s.found_bucket) << shift;
+    mask |= static_cast<uint64_t>(0xFF) << shift;
+    remaining -= s.found_greater;
+    const bool whole = s.found_count == remaining;
+    __syncthreads();  // everyone has read found_* before the next pass rewrites them
+    if (whole) break;  // keys are distinct, so at the latest the last digit leaves one key
+  }
+  // Keep exactly the keys >= prefix (prefix's low bits are zero): k of them.
+  if (threadIdx.x == 0) s.kept = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const uint64_t key = s.buf[i];
+    if (key >= prefix) s.aux[atomicAdd(&s.kept, 1)] = key;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += kThreads) s.buf[i] = s.aux[i];
+  if (threadIdx.x == 0) {
+    s.count = k;
+    s.bound = prefix;
+  }
+  __syncthreads();
+}
+
+// Append the keys of this thread that pass the bound (warp-aggregated slot reservation).
+__device__ __forceinline__ void admit(Selection& s, uint64_t key, bool valid, uint64_t bound) {
+  const bool take = valid && key >= bound;
+  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, take);
+  if (ballot == 0) return;
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  if (lane == __ffs(ballot) - 1) base = atomicAdd(&s.count, __popc(ballot));
+  base = __shfl_sync(0xFFFFFFFFu, base, __ffs(ballot) - 1);
+  if (take) s.buf[base + __popc(ballot & ((1u << lane) - 1))] = key;
+}
+
+// Stream logits[begin, end) of one row into the selection. VEC: elements per load.
+template <typename T, int VEC>
+__device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, int64_t begin, int64_t end,
+                              uint64_t flip) {
+  constexpr int kLoads = kItems / VEC;
+  const int cap = capacity(k);
+  for (int64_t base = begin; base < end; base += kTile) {
+    if (s.count + kTile > cap) cut_to_k(s, k);
+    const uint64_t bound = s.bound;
+    T v[kLoads][VEC];
+    int64_t at[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      at[u] = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
+      if (at[u] < end) {
+        if constexpr (VEC == 1) {
+          v[u][0] = row[at[u]];
+        } else {
+          struct alignas(16) Pack { T x[VEC]; };
+          const Pack p = *reinterpret_cast<const Pack*>(row + at[u]);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) v[u][j] = p.x[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const bool valid = at[u] + j < end;
+        admit(s, valid ? Key<T>::make(v[u][j], at[u] + j, flip) : 0, valid, bound);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Stream n keys (zero = empty slot) into the selection.
+__device__ void stream_keys(Selection& s, int k, const uint64_t* keys, int64_t n) {
+  const int cap = capacity(k);
+  for (int64_t base = 0; base < n; base += kTile) {
+    if (s.count + kTile > cap) cut_to_k(s, k);
+    const uint64_t bound = s.bound;
+#pragma unroll 4
+    for (int u = 0; u < kItems; ++u) {
+      const int64_t i = base + u * kThreads + threadIdx.x;
+      const bool valid = i < n;
+      const uint64_t key = valid ? __ldcg(reinterpret_cast<const unsigned long long*>(keys + i)) : 0;
+      admit(s, key, valid && key != 0, bound);
+    }
+    __syncthreads();
+  }
+}
+
+// Sort buf[0, k) by key, descending (bitonic over the next power of two, padded with zeros).
+__device__ void sort_descending(Selection& s, int k) {
+  int p = 1;
+  while (p < k) p <<= 1;
+  for (int i = k + threadIdx.x; i < p; i += kThreads) s.buf[i] = 0;
+  __syncthreads();
+  for (int size = 2; size <= p; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < p / 2; i += kThreads) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const uint64_t a = s.buf[lo], b = s.buf[hi];
+        if ((a < b) == desc && a != b) {
+          s.buf[lo] = b;
+          s.buf[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+struct Args {
+  int64_t vocab, chunk;
+  int k, splits;
+  uint64_t flip;
+  bool sorted;
+  unsigned int* tickets;  // batch counters, zero between calls
+  uint64_t* partial;      // batch * splits * k keys
+  int64_t* indices;       // batch * k
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x, T* __restrict__ values, Args a) {
+  extern __shared__ uint64_t smem[];
+  __shared__ Selection s;
+  __shared__ bool last;
+  const int64_t row = blockIdx.x;
+  const int k = a.k;
+  if (threadIdx.x == 0) {
+    s.buf = smem;
+    s.aux = smem + capacity(k);
+    s.count = 0;
+    s.bound = 1;  // every real key is >= 2^31 (its low half is ~index); 0 marks an empty slot
+  }
+  __syncthreads();
+  const T* xr = x + row * a.vocab;
+  const int64_t begin = blockIdx.y * a.chunk, end = min(begin + a.chunk, a.vocab);
+  stream_logits<T, VEC>(s, k, xr, begin, end, a.flip);
+  if (s.count > k) cut_to_k(s, k);
+  if (a.splits > 1) {
+    uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * k;
+    for (int i = threadIdx.x; i < k; i += kThreads) mine[i] = i < s.count ? s.buf[i] : 0;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      last = atomicAdd(&a.tickets[row], 1u) == static_cast<unsigned>(a.splits - 1);
+      if (last) a.tickets[row] = 0;
+      s.count = 0;
+      s.bound = 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    stream_keys(s, k, a.partial + row * a.splits * k, static_cast<int64_t>(a.splits) * k);
+    if (s.count > k) cut_to_k(s, k);
+  }
+  if (a.sorted) sort_descending(s, k);
+  for (int i = threadIdx.x; i < k; i += kThreads) {
+    const int64_t index = index_of(s.buf[i]);
+    values[row * k + i] = xr[index];
+    a.indices[row * k + i] = index;
+  }
+}
+
+size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + k) * sizeof(uint64_t); }
+
+// Blocks per row: enough for about two blocks per SM, each streaming at least kMinChunk
+// elements and at least 4 k, so that merging splits * k keys stays cheaper than the row.
+int64_t plan_splits(int64_t batch, int64_t vocab, int64_t k, int device) {
+  if (batch > kMaxTicketRows) return 1;
+  const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int64_t by_gpu = (2 * sms + batch - 1) / batch;
+  const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
+  return std::max<int64_t>(1, std::min(by_gpu, by_size));
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+template <typename T, int VEC>
+void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch::Tensor& workspace,
+            torch::Tensor& values, torch::Tensor& indices) {
+  const int64_t batch = x.size(0), vocab = x.size(1);
+  const int64_t splits = plan_splits(batch, vocab, k, x.get_device());
+  Args a{};
+  a.vocab = vocab;
+  a.k = static_cast<int>(k);
+  a.splits = static_cast<int>(splits);
+  a.chunk = round_up((vocab + splits - 1) / splits, VEC);
+  a.flip = largest ? 0 : ~0ull;
+  a.sorted = sorted;
+  a.indices = indices.data_ptr<int64_t>();
+  if (splits > 1) {
+    auto* base = static_cast<unsigned char*>(workspace.data_ptr());
+    a.tickets = reinterpret_cast<unsigned int*>(base);
+    a.partial = reinterpret_cast<uint64_t*>(base + kTicketBytes);
+  }
+  const size_t smem = shared_bytes(static_cast<int>(k));
+  auto kernel = topk_kernel<T, VEC>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>((vocab + a.chunk - 1) / a.chunk));
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(values.data_ptr()), a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch::Tensor& workspace,
+                  torch::Tensor& values, torch::Tensor& indices) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (x.size(1) % kVec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) {
+    launch<T, kVec>(x, k, largest, sorted, workspace, values, indices);
+  } else {
+    launch<T, 1>(x, k, largest, sorted, workspace, values, indices);
+  }
+}
+
+}  // namespace
+
+// Bytes of workspace one call with this shape needs on `device` (0: none).
+int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
+  const int64_t splits = plan_splits(batch, vocab, k, static_cast<int>(device));
+  return splits > 1 ? kTicketBytes + batch * splits * k * static_cast<int64_t>(sizeof(uint64_t)) : 0;
+}
+
+void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<torch::Tensor> workspace,
+          torch::Tensor values, torch::Tensor indices) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D CUDA tensor");
+  TORCH_CHECK(k >= 1 && k <= kMaxK && k <= x.size(1), "k: 1 to min(1024, vocab)");
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "x: vocab below 2^31");
+  TORCH_CHECK(values.is_contiguous() && values.scalar_type() == x.scalar_type() && values.size(0) == x.size(0) &&
+                  values.size(1) == k,
+              "values: contiguous (batch, k) tensor of x's dtype");
+  TORCH_CHECK(indices.is_contiguous() && indices.scalar_type() == torch::kInt64 && indices.size(0) == x.size(0) &&
+                  indices.size(1) == k,
+              "indices: contiguous (batch, k) int64 tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t need = workspace_size(x.size(0), x.size(1), k, x.get_device());
+  torch::Tensor ws;
+  if (need > 0) {
+    TORCH_CHECK(workspace.has_value() && workspace->is_cuda() && workspace->nbytes() >= static_cast<size_t>(need),
+                "workspace: at least ", need, " bytes on x's device, zero-filled before first use");
+    ws = *workspace;
+  }
+  if (x.size(0) == 0) return;
+  switch (x.scalar_type()) {
+    case torch::kFloat32: dispatch_vec<float>(x, k, largest, sorted, ws, values, indices); break;
+    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(x, k, largest, sorted, ws, values, indices); break;
+    case torch::kFloat16: dispatch_vec<__half>(x, k, largest, sorted, ws, values, indices); break;
+    default: TORCH_CHECK(false, "x: float32, bfloat16 or float16");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("workspace_size", &workspace_size, "workspace bytes for (batch, vocab, k) on a device index");
+  m.def("topk", &topk, "radix-select top-k over the last dim into (values, indices)");
+}
