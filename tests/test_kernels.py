@@ -1,0 +1,143 @@
+"""The CUDA kernels themselves, over many shapes, against float64 / stable-sort references (GPU only)."""
+import pytest
+import torch
+
+from xllm_sampling import air_topk_last_dim, clear_caches, counters, kernels, logit_softmax
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    for step in ("logit_softmax", "air_topk"):
+        assert kernels.load(step) is not None, f"the {step} kernel did not build"
+
+
+# -- logit_softmax: cluster path (rows up to 409600) and two-launch path (longer rows) --------
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 151936), (16, 128256), (300, 32000), (3, 4097),
+                                         (64, 151936), (2, 262144), (2, 500001), (4096, 1000)])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_matches_float64(batch, vocab, log):
+    logits = torch.randn(batch, vocab, device="cuda") * 4
+    t = torch.rand(batch, device="cuda") + 0.3
+    out = logit_softmax(logits, t, log=log)
+    ref = (torch.log_softmax if log else torch.softmax)(logits.double() / t.double()[:, None], -1)
+    if log:
+        finite = ref > -30  # log-probabilities of ordinary size: float32 spacing allows ~1e-5 relative
+        assert ((out.double() - ref).abs()[finite] <= 1e-5 * ref.abs()[finite] + 2e-6).all()
+    else:
+        assert (out.double() - ref).abs().max().item() <= 1e-6
+        assert (out.double().sum(-1) - 1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_half_inputs_match_torch(dtype):
+    logits = (torch.randn(5, 151936, device="cuda") * 3).to(dtype)
+    out = logit_softmax(logits, 0.7)
+    assert (out - torch.softmax(logits.float() / 0.7, -1)).abs().max().item() <= 1e-6
+
+
+def test_softmax_special_rows_and_unaligned_input():
+    logits = torch.randn(6, 100003, device="cuda")
+    logits[0] = 1.5  # all equal
+    logits[1] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, ::2] = float("-inf")
+    out = logit_softmax(logits)
+    ref = torch.softmax(logits.double(), -1)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert (out[0] == out[0, 0]).all() and (out[3, ::2] == 0).all()
+    ok = ~ref.isnan()
+    assert (out.double()[ok] - ref[ok]).abs().max().item() <= 1e-6
+    shifted = torch.randn(3, 4097, device="cuda")[:, 1:]  # rows not 16-byte aligned: copied, scalar loads
+    assert (logit_softmax(shifted).double() - torch.softmax(shifted.double(), -1)).abs().max().item() <= 1e-6
+
+
+# -- air_topk ----------------------------------------------------------------------------------
+
+def stable_reference(x: torch.Tensor, k: int, largest: bool = True):
+    """torch.topk's sorted order with ties by ascending index (NaN largest), from a stable sort."""
+    order = torch.sort(x.double(), dim=-1, descending=largest, stable=True).indices[:, :k]
+    return x.gather(-1, order), order
+
+
+SHAPES = [(1, 1, 1), (1, 7, 7), (2, 1023, 1), (3, 1000, 50), (4, 32001, 1024), (1, 151936, 50),
+          (1, 151936, 1024), (16, 151936, 50), (64, 128256, 1024), (5, 262144, 100), (300, 4099, 17),
+          (4096, 1000, 10), (1, 1024, 1024), (7, 5003, 999)]
+
+
+@pytest.mark.parametrize("batch,vocab,k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_sorted_equals_stable_reference(batch, vocab, k, dtype):
+    x = torch.randn(batch, vocab, device="cuda").to(dtype)
+    values, indices = air_topk_last_dim(x, k)
+    ref_values, ref_indices = stable_reference(x, k)
+    assert indices.dtype == torch.int64 and values.dtype == dtype
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(values, torch.topk(x, k).values)
+
+
+@pytest.mark.parametrize("batch,vocab,k", SHAPES[::2])
+def test_topk_unsorted_is_the_same_set(batch, vocab, k):
+    x = torch.randn(batch, vocab, device="cuda")
+    values, indices = air_topk_last_dim(x, k, sorted_by_value=False)
+    ref = torch.topk(x, k)
+    assert torch.equal(indices.sort(-1).values, ref.indices.sort(-1).values)
+    assert torch.equal(x.gather(-1, indices), values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_ties_neg_inf_nan_and_smallest(dtype):
+    x = torch.randint(0, 3, (8, 30011), device="cuda").to(dtype)  # heavy ties
+    x[1] = 0.5  # all equal
+    x[2] = float("-inf")
+    x[3, ::2] = float("-inf")
+    x[4, [5, 900, 30000]] = float("nan")
+    x[5, :] = float("nan")
+    for k in (1, 3, 64, 1024):
+        for largest in (True, False):
+            values, indices = air_topk_last_dim(x, k, largest=largest)
+            ref_values, ref_indices = stable_reference(x, k, largest)
+            assert torch.equal(indices, ref_indices), (k, largest)
+            assert torch.equal(values.isnan(), ref_values.isnan())
+            assert torch.equal(values.nan_to_num(7.0), ref_values.nan_to_num(7.0))
+
+
+def test_topk_large_k_and_noncontiguous_input_fall_back_correctly():
+    x = torch.randn(3, 5000, device="cuda")
+    values, indices = air_topk_last_dim(x, 2000)  # above the kernel's 1024: torch.topk
+    assert torch.equal(indices, stable_reference(x, 2000)[1])
+    strided = torch.randn(5000, 3, device="cuda").t()
+    assert torch.equal(air_topk_last_dim(strided, 40)[1], stable_reference(strided, 40)[1])
+
+
+def test_topk_repeated_calls_allocate_nothing_on_the_device():
+    clear_caches()
+    x = torch.randn(4, 151936, device="cuda")  # small batch: a split row, so a workspace is used
+    air_topk_last_dim(x, 50, cached_output=True)
+    torch.cuda.synchronize()
+    before, allocations = counters(), torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(100):
+        values, indices = air_topk_last_dim(x, 50, cached_output=True)
+    torch.cuda.synchronize()
+    assert counters() == before and before.workspace_allocations == 1
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+    assert torch.equal(indices, stable_reference(x, 50)[1])
+
+
+def test_topk_in_a_cuda_graph_survives_workspace_growth():
+    clear_caches()
+    small = torch.randn(2, 151936, device="cuda")
+    air_topk_last_dim(small, 50)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_values, graph_indices = air_topk_last_dim(small, 50)
+    big = torch.randn(8, 262144, device="cuda")
+    air_topk_last_dim(big, 1024)  # grows the workspace: the captured one must stay alive
+    small.copy_(torch.randn_like(small))
+    graph.replay()
+    assert torch.equal(graph_indices, stable_reference(small, 50)[1])
