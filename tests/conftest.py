@@ -1,4 +1,5 @@
 """Shared fixtures: a fresh reference target, test-only series, and the visible skip of cuda tests."""
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -47,3 +48,12 @@ def make_series(tmp_path):
         return folder
 
     return build
+
+
+@pytest.fixture(scope="session")
+def nvtx_recorder():
+    """verify/nvtx/nvtx_recorder.py (the NVTX injection recorder's helpers), imported from its file."""
+    spec = importlib.util.spec_from_file_location("nvtx_recorder", PROJECT_ROOT / "verify" / "nvtx" / "nvtx_recorder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

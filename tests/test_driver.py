@@ -1,5 +1,7 @@
 """The xllm-port driver on temporary targets, through its CLI entry point."""
 import json
+import subprocess
+import sys
 
 import git
 import pytest
@@ -164,3 +166,19 @@ def test_malformed_manifest_exits_2(manifest, message, fresh_target, make_series
 def test_missing_series_exits_2(fresh_target, tmp_path, capsys):
     assert run(["apply", "--target", str(fresh_target), "--series", str(tmp_path / "none")]) == 2
     assert "no series file" in capsys.readouterr().err
+
+
+def test_driver_phases_are_nvtx_ranges(fresh_target, nvtx_recorder, tmp_path):
+    try:
+        library = nvtx_recorder.build(tmp_path)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    prefix = tmp_path / "record"
+    env = nvtx_recorder.environment(library, prefix) | {"XLLM_SAMPLING_NVTX": "true"}
+    argv = [sys.executable, "-m", "xllm_sampling.port.cli", "apply", "--target", str(fresh_target), "--step", "nvtx"]
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = driver.communicate(timeout=900)
+    assert driver.returncode == 0, err
+    events = nvtx_recorder.read(prefix)[driver.pid]  # the parity and gate children record apart
+    assert [name for name, _ in nvtx_recorder.tree(events, "xllm_sampling")] == [
+        f"xllm_sampling/port/{phase}" for phase in ("apply", "parity", "gate", "commit")]

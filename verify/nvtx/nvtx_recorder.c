@@ -2,7 +2,8 @@
  *
  * NVTX loads the library named by NVTX_INJECTION64_PATH on the first NVTX call of a process and
  * calls its InitializeInjectionNvtx2, which points NVTX's push/pop/domain callbacks here.
- * Each event is one line of the file named by XLLM_NVTX_RECORD:
+ * Each event is one line of the file XLLM_NVTX_RECORD.<pid> (one file per process, so that a
+ * process and the ones it starts do not mix their ranges):
  *     init
  *     push<TAB>domain<TAB>message
  *     pop<TAB>domain
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static FILE* record;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -79,8 +81,10 @@ static int set(NvtxGetExportTableFunc_t get_table, NvtxCallbackModule module, un
 }
 
 int NVTX_API InitializeInjectionNvtx2(NvtxGetExportTableFunc_t get_table) {
-  const char* path = getenv("XLLM_NVTX_RECORD");
-  record = fopen(path ? path : "nvtx_record.tsv", "a");
+  const char* prefix = getenv("XLLM_NVTX_RECORD");
+  char path[4096];
+  snprintf(path, sizeof path, "%s.%ld", prefix ? prefix : "nvtx_record", (long)getpid());
+  record = fopen(path, "a");
   if (!record) return 0;
   write_line("init", "-", NULL);
   return set(get_table, NVTX_CB_MODULE_CORE2, NVTX_CBID_CORE2_DomainCreateA, (NvtxFunctionPointer)domain_create) &&
