@@ -182,3 +182,39 @@ def test_driver_phases_are_nvtx_ranges(fresh_target, nvtx_recorder, tmp_path):
     events = nvtx_recorder.read(prefix)[driver.pid]  # the parity and gate children record apart
     assert [name for name, _ in nvtx_recorder.tree(events, "xllm_sampling")] == [
         f"xllm_sampling/port/{phase}" for phase in ("apply", "parity", "gate", "commit")]
+
+
+SLEEPY_GATE = """
+import os, time
+
+
+def test_gate(benchmark):
+    benchmark.pedantic(time.sleep, args=(float(os.environ["XLLM_TEST_GATE_SLEEP"]),), rounds=5)
+"""
+
+
+def test_gate_fails_on_a_regression_against_the_previous_stored_run(fresh_target, make_series, tmp_path, monkeypatch,
+                                                                      capsys):
+    gate_file = tmp_path / "sleepy_gate.py"
+    gate_file.write_text(SLEEPY_GATE)
+    manifest = (SERIES_DIR / "nvtx" / "manifest.toml").read_text()
+    for key, path in (("parity", "verify/nvtx/test_parity.py"), ("rollback", "rollback/nvtx.sh")):
+        manifest = manifest.replace(f'{key} = "{path}"', f'{key} = "{SERIES_DIR.parent / path}"')
+    manifest = manifest.replace('gate = "verify/nvtx/test_gate.py"', f'gate = "{gate_file}"')
+    manifest = manifest.replace('cpu = "median:100%"', 'cpu = "median:50%"')
+    series = make_series(["nvtx"], manifest_text={"nvtx": manifest})
+    apply = ["apply", "--target", str(fresh_target), "--series", str(series)]
+    revert = ["rollback", "--target", str(fresh_target), "--series", str(series), "--step", "nvtx", "--mode", "revert"]
+
+    monkeypatch.setenv("XLLM_TEST_GATE_SLEEP", "0.01")
+    assert run(apply) == 0  # the first run: nothing to compare with, stored
+    assert run(revert) == 0
+    monkeypatch.setenv("XLLM_TEST_GATE_SLEEP", "0.03")  # 3x slower than the stored run
+    capsys.readouterr()
+    assert run(apply) == 1
+    err = capsys.readouterr().err
+    assert "Performance has regressed" in err and "previous stored run" in err
+    assert "Reverts-Step: nvtx" in log(fresh_target)[0]  # the failed application committed nothing
+    assert run(apply) == 0  # compared with the latest stored run (the slow one): no regression
+    history = fresh_target / ".git" / "xllm_port" / "benchmarks" / "nvtx"
+    assert len(list(history.rglob("*.json"))) == 3

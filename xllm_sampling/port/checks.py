@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import gate as gate_module
 
+REGRESSED = "Performance has regressed"  # pytest-benchmark's --benchmark-compare-fail message
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
@@ -43,8 +44,14 @@ def _counts(output: str) -> dict:
     return counts
 
 
-def run(test: Path, target: Path, flags_file: Path, thresholds: dict, benchmark_json: Path | None = None) -> CheckResult:
-    """Run ``test`` with pytest against ``target``; with ``benchmark_json`` keep pytest-benchmark's record there."""
+def run(test: Path, target: Path, flags_file: Path, thresholds: dict, benchmark_json: Path | None = None,
+        history: Path | None = None, compare_fail: str | None = None) -> CheckResult:
+    """Run ``test`` with pytest against ``target``; with ``benchmark_json`` keep pytest-benchmark's record there.
+
+    With ``history`` (a folder) pytest-benchmark also saves the run there and, when an earlier
+    run is stored and ``compare_fail`` is given, fails the check if the fast path got slower than
+    that run by more than ``compare_fail`` allows (``--benchmark-compare-fail``).
+    """
     env = dict(os.environ, XLLM_PORT_TARGET=str(target), XLLM_SAMPLING_FLAGS_FILE=str(flags_file),
                PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
     env[gate_module.THRESHOLDS_ENV] = json.dumps(thresholds)
@@ -52,6 +59,11 @@ def run(test: Path, target: Path, flags_file: Path, thresholds: dict, benchmark_
     if benchmark_json is not None:
         benchmark_json.parent.mkdir(parents=True, exist_ok=True)
         cmd += [f"--benchmark-json={benchmark_json}", "--benchmark-columns=min,median,max,rounds"]
+        if history is not None:
+            earlier = list(history.rglob("*.json")) if history.exists() else []
+            cmd += [f"--benchmark-storage=file://{history}", "--benchmark-autosave"]
+            if earlier and compare_fail:
+                cmd += ["--benchmark-compare", f"--benchmark-compare-fail={compare_fail}"]
     else:
         cmd += ["--benchmark-disable"]
     start = time.perf_counter()
@@ -59,7 +71,10 @@ def run(test: Path, target: Path, flags_file: Path, thresholds: dict, benchmark_
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     counts = _counts(proc.stdout)
-    if proc.returncode == 0 and counts.get("passed"):
+    regressed = REGRESSED in output
+    if regressed:
+        result = "failed"
+    elif proc.returncode == 0 and counts.get("passed"):
         result = "passed"
     elif proc.returncode == 0 and counts.get("skipped"):
         result = "skipped"

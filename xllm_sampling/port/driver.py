@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import flags, nvtx
+from .. import gate as gate_module
 from . import checks, series, target
 from .errors import StepFailed, UsageError
 
@@ -50,7 +51,10 @@ def _check(repo, step: series.Step, progress: Progress) -> tuple[checks.CheckRes
         record = target.state_dir(repo) / "gates" / step.name / f"{_now().replace(':', '')}.json"
         with nvtx.range("port/gate"):
             progress(f"  {step.name}: benchmark gate {step.gate.name} ...")
-            gate = checks.run(step.gate, root, target.flags_file(repo), step.thresholds, benchmark_json=record)
+            history = target.state_dir(repo) / "benchmarks" / step.name
+            compare_fail = step.compare_fail.get(gate_module.device_kind())
+            gate = checks.run(step.gate, root, target.flags_file(repo), step.thresholds, benchmark_json=record,
+                              history=history, compare_fail=compare_fail)
             progress(f"  {step.name}: gate {gate.summary()}")
     state = target.read_state(repo)
     state["steps"][step.name] = {
@@ -64,6 +68,9 @@ def _check(repo, step: series.Step, progress: Progress) -> tuple[checks.CheckRes
 
 
 def _failure_detail(result: checks.CheckResult) -> str:
+    if checks.REGRESSED in result.output:  # pytest-benchmark's lines after it name the test and the figures
+        after = result.output[result.output.index(checks.REGRESSED):].splitlines()
+        return " ".join(line.strip() for line in after[:3]) + " than the previous stored run of this gate"
     lines = [line for line in result.output.splitlines() if line.startswith(("FAILED", "ERROR", "E "))]
     if lines:
         return "; ".join(lines[:3])

@@ -1,12 +1,16 @@
 """The series format: a ``series`` file naming steps in order, and a folder per step.
 
 Each ``<series>/<step>/manifest.toml`` names the step's patch, flag, parity test, gate,
-rollback script, the steps it depends on, and the gate thresholds per device kind. Paths in a
+rollback script, the steps it depends on, the gate thresholds per device kind and, optionally,
+``[compare_fail]``: per device kind, how much slower than the previous stored run of the same
+gate the fast path may get (a ``--benchmark-compare-fail`` expression of pytest-benchmark,
+e.g. ``"median:10%"``). Paths in a
 manifest are relative to the series root, the folder that holds the series folder (absolute
 paths are taken as they are).
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +19,7 @@ from .. import flags
 from .errors import UsageError
 
 REQUIRED = ("step", "summary", "patch", "flag", "parity", "gate", "rollback")
+COMPARE_FAIL = re.compile(r"(min|max|mean|median|stddev|iqr):\d+(\.\d+)?%?")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Step:
     rollback: Path
     depends_on: tuple[str, ...] = ()
     thresholds: dict = field(default_factory=dict)
+    compare_fail: dict = field(default_factory=dict)
 
 
 def _manifest(folder: Path, root: Path, name: str) -> Step:
@@ -50,6 +56,11 @@ def _manifest(folder: Path, root: Path, name: str) -> Step:
     thresholds = raw.get("threshold", {})
     if not isinstance(thresholds, dict) or not all(isinstance(v, (int, float)) for v in thresholds.values()):
         raise UsageError(f"manifest {path}: [threshold] must map device kinds to numbers")
+    compare_fail = raw.get("compare_fail", {})
+    if not isinstance(compare_fail, dict) or not all(
+            isinstance(v, str) and COMPARE_FAIL.fullmatch(v) for v in compare_fail.values()):
+        raise UsageError(f"manifest {path}: [compare_fail] must map device kinds to pytest-benchmark "
+                         f"--benchmark-compare-fail expressions such as \"median:10%\"")
 
     def resolve(p: str, base: Path) -> Path:
         full = (base / p).resolve()
@@ -60,6 +71,7 @@ def _manifest(folder: Path, root: Path, name: str) -> Step:
     return Step(
         name, raw["summary"], resolve(raw["patch"], folder / name), raw["flag"], resolve(raw["parity"], root),
         resolve(raw["gate"], root), resolve(raw["rollback"], root), tuple(raw.get("depends_on", ())), thresholds,
+        compare_fail,
     )
 
 
