@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--plot", type=Path, help="write a PNG: time against batch per implementation")
+    p.add_argument("--decode", action="store_true",
+                   help="end to end instead: the reference engine's decode loop (TPOT, tokens/s) per flag configuration; "
+                        "--batch default 1 16 64, --vocab its first value (default 151936 on a GPU, 32000 on CPU)")
 
     p = sub.add_parser("demo", parents=[common], help="create the reference engine and apply the whole series")
     p.add_argument("--dir", type=Path, help="where to create the target (default: a new temporary folder)")
@@ -139,6 +142,11 @@ def _bench(args, progress) -> dict:
     import torch
 
     gpu = gate.device_kind() == "cuda"
+    if args.decode:
+        from .. import bench_decode
+
+        vocab = (args.vocab or [151936 if gpu else 32000])[0]
+        return bench_decode.run(args.batch or ([1, 16, 64] if gpu else [1, 16]), vocab, 3 if gpu else 2, progress)
     batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
@@ -198,7 +206,9 @@ def _output(args, result) -> None:
             print(f"{row['step']:14} {'applied' if row['applied'] else 'not applied':12} {(row['commit'] or '-')[:10]:10} "
                   f"{row['flag']}={str(row['flag_value']).lower():6} {verified}{ratio}")
     elif args.command == "bench":
-        print(bench.table(result))
+        from .. import bench_decode
+
+        print(bench_decode.table(result) if "decode" in result else bench.table(result))
     elif args.command == "flags":
         rows = result if isinstance(result, list) else [result]
         for row in rows:

@@ -1,0 +1,27 @@
+"""`xllm-port bench` on CPU: the op table and the end-to-end decode table, small sizes."""
+import json
+
+from xllm_sampling.port.cli import run
+
+
+def test_op_bench_reports_every_cell_with_its_floor(capsys):
+    assert run(["bench", "--ops", "logit_softmax", "topk", "--batch", "1", "3", "--vocab", "1000", "--reps", "3",
+                "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["header"]["device"] in ("cpu", "cuda") and report["header"]["copy_bandwidth_GBps"] > 0
+    cells = report["cells"]
+    assert [(c["op"], c["batch"]) for c in cells] == [("logit_softmax", 1), ("logit_softmax", 3), ("topk", 1), ("topk", 3)]
+    assert all(c["floor_us"] > 0 and c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
+
+
+def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
+    assert run(["bench", "--decode", "--batch", "2", "--vocab", "512", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["decode"]
+    names = [r["config"] for r in rows]
+    assert names[0] == "all off" and names[-1] == "all on"
+    assert names[1:-1] == [f"{step} only" for step in ("logit_softmax", "air_topk", "sampler", "beam_search",
+                                                        "cuda_graph", "nvtx")]
+    assert all(r["batch"] == 2 and r["tpot_ms"] > 0 and abs(r["tokens_per_s"] - 2e3 / r["tpot_ms"]) < 1e-6 * r["tokens_per_s"]
+               for r in rows)
+    assert run(["bench", "--decode", "--batch", "1", "--vocab", "512"]) == 0
+    assert "all on" in capsys.readouterr().out

@@ -1,0 +1,89 @@
+"""End to end (``xllm-port bench --decode``): the reference engine with the whole series applied,
+its decode loop timed per step (TPOT) and in tokens/s at several batch sizes, with every flag
+off, each step's flag on alone, and every flag on.
+
+TPOT is the slope between a short and a long generation, so the prefill drops out; each figure
+is the median of ``reps`` pairs, wall clock with the device synchronised (host time included).
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import git
+import torch
+
+from . import flags, gate
+from .paths import SERIES_DIR
+from .port import demo, series
+
+SHORT, LONG = 4, 36  # generated tokens of the two timed runs
+
+
+def _engine_with_series(folder: Path):
+    """The reference engine in ``folder`` with every patch of the shipped series applied; its modules."""
+    path = demo.create_target(folder / "refengine")
+    steps = series.load(SERIES_DIR)
+    with git.Repo(path) as repo:
+        for step in steps:
+            repo.git.apply(str(step.patch))
+    sys.path.insert(0, str(path))
+    for name in [m for m in sys.modules if m == "engine" or m.startswith("engine.")]:
+        del sys.modules[name]
+    modules = (importlib.import_module("engine.decode"), importlib.import_module("engine.model"),
+               importlib.import_module("engine.sampling"))
+    return [step.flag for step in steps], modules
+
+
+def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
+    """(name, flag values): all off, each step's flag on alone, all on."""
+    off = {f: False for f in step_flags}
+    return [("all off", off), *((f"{f} only", off | {f: True}) for f in step_flags),
+            ("all on", {f: True for f in step_flags})]
+
+
+def run(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
+    """Time the decode loop for every configuration and batch size; header and rows."""
+    device = gate.device_kind()
+    with tempfile.TemporaryDirectory() as tmp:
+        step_flags, (decode, model, sampling) = _engine_with_series(Path(tmp))
+        engine = decode.Engine(model.Config(vocab=vocab, max_len=LONG + 16), device)
+        configs = configurations(step_flags)
+        rows = []
+        for batch in batches:
+            prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
+            params = sampling.SamplingParams(torch.full((batch,), 0.8), 50, 0.9, seed=torch.arange(batch))
+
+            def generate(n):
+                start = time.perf_counter()
+                engine.generate(prompts, n, params)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - start
+
+            for name, values in configs:
+                with flags.override(**values):
+                    generate(SHORT), generate(LONG)  # warm up: kernels built, graphs captured
+                    tpot = statistics.median((generate(LONG) - generate(SHORT)) / (LONG - SHORT) for _ in range(reps))
+                rows.append({"config": name, "batch": batch, "tpot_ms": tpot * 1e3, "tokens_per_s": batch / tpot})
+                progress(f"[{len(rows)}/{len(batches) * len(configs)}] decode B={batch} {name}: {tpot * 1e3:.2f} ms")
+    return {"header": gate.environment() | {"vocab": vocab, "tokens": [SHORT, LONG]}, "decode": rows}
+
+
+def table(report: dict) -> str:
+    """Rows: configurations; columns: batch sizes, each 'TPOT ms (tokens/s)'."""
+    h, rows = report["header"], report["decode"]
+    batches = sorted({r["batch"] for r in rows})
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["config"], r["batch"]): r for r in rows}
+    lines = [f"# decode, reference engine with the series, vocab {h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
+             f"{'configuration':20}" + "".join(f"{f'B={b}: TPOT ms (tok/s)':>26}" for b in batches)]
+    for name in configs:
+        lines.append(f"{name:20}" + "".join(
+            f"{cell[name, b]['tpot_ms']:>12.3f} ({cell[name, b]['tokens_per_s']:9.0f})" for b in batches))
+    return "\n".join(lines)
