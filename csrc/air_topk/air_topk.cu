@@ -15,9 +15,10 @@
 // the top, stopping as soon as the bucket holding the k-th key is taken whole); the bound
 // then rises to that cut, so after the first tiles almost nothing is admitted and the pass
 // runs at the speed of the loads.
-// Small batches split each row over `splits` blocks: each writes its k best keys to the
-// workspace, and the row's last block to finish (a ticket counter, reset by that block)
-// selects the final k from those splits * k keys. The workspace is zero when the kernel is
+// Small batches split each row over `splits` blocks: each writes its k best keys and its
+// bound to the workspace, and the row's last block to finish (a ticket counter, reset by that
+// block) selects the final k from those splits * k keys, admitting only keys at or above the
+// highest of the splits' bounds. The workspace is zero when the kernel is
 // not running: the tickets sit at its start and each call leaves them at zero.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,6 +77,8 @@ struct Selection {
   int found_bucket, found_greater, found_count, kept;
 };
 
+__device__ __forceinline__ int round_up_int(int n, int m) { return (n + m - 1) / m * m; }
+
 // Cut buf to its k largest keys (count > k). Returns with count == k and bound raised.
 __device__ void cut_to_k(Selection& s, int k) {
   const int n = s.count;
@@ -84,14 +87,19 @@ __device__ void cut_to_k(Selection& s, int k) {
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) s.hist[b] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      const uint64_t key = s.buf[i];
-      if ((key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 0xFF], 1);
+    // Warp-aggregated: lanes whose keys share a bucket add once (ties and narrow value ranges
+    // would otherwise serialise on one shared-memory counter).
+    const int lane = threadIdx.x & 31;
+    for (int i = threadIdx.x; i < round_up_int(n, kThreads); i += kThreads) {
+      const uint64_t key = i < n ? s.buf[i] : 0;
+      const bool in = i < n && (key & mask) == prefix;
+      const int bucket = in ? static_cast<int>((key >> shift) & 0xFF) : 256;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bucket);
+      if (in && lane == __ffs(peers) - 1) atomicAdd(&s.hist[bucket], __popc(peers));
     }
     __syncthreads();
     if (threadIdx.x < 32) {
       // Lane L holds buckets 8L .. 8L+7; find the bucket holding the remaining-th largest key.
-      const int lane = threadIdx.x;
       int h[8], sum = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum += (h[j] = s.hist[8 * lane + j]);
@@ -148,40 +156,54 @@ __device__ __forceinline__ void admit(Selection& s, uint64_t key, bool valid, ui
   if (take) s.buf[base + __popc(ballot & ((1u << lane) - 1))] = key;
 }
 
-// Stream logits[begin, end) of one row into the selection. VEC: elements per load.
 template <typename T, int VEC>
-__device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, int64_t begin, int64_t end,
-                              uint64_t flip) {
-  constexpr int kLoads = kItems / VEC;
-  const int cap = capacity(k);
-  for (int64_t base = begin; base < end; base += kTile) {
-    if (s.count + kTile > cap) cut_to_k(s, k);
-    const uint64_t bound = s.bound;
-    T v[kLoads][VEC];
-    int64_t at[kLoads];
+struct Tile {
+  static constexpr int kLoads = kItems / VEC;
+  T v[kLoads][VEC];
+
+  // This thread's elements of the tile at base (VEC per 16-byte load, loads kThreads * VEC apart).
+  __device__ __forceinline__ void load(const T* __restrict__ row, int64_t base, int64_t end) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      at[u] = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
-      if (at[u] < end) {
+      const int64_t at = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
+      if (at < end) {
         if constexpr (VEC == 1) {
-          v[u][0] = row[at[u]];
+          v[u][0] = row[at];
         } else {
           struct alignas(16) Pack { T x[VEC]; };
-          const Pack p = *reinterpret_cast<const Pack*>(row + at[u]);
+          const Pack p = *reinterpret_cast<const Pack*>(row + at);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) v[u][j] = p.x[j];
         }
       }
     }
+  }
+};
+
+// Stream logits[begin, end) of one row into the selection. VEC: elements per load. The next
+// tile's loads are issued before this tile is sifted, so the memory system never idles.
+template <typename T, int VEC>
+__device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, int64_t begin, int64_t end,
+                              uint64_t flip) {
+  constexpr int kLoads = Tile<T, VEC>::kLoads;
+  const int cap = capacity(k);
+  Tile<T, VEC> cur, next;
+  cur.load(row, begin, end);
+  for (int64_t base = begin; base < end; base += kTile) {
+    if (base + kTile < end) next.load(row, base + kTile, end);
+    if (s.count + kTile > cap) cut_to_k(s, k);
+    const uint64_t bound = s.bound;
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
+      const int64_t at = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const bool valid = at[u] + j < end;
-        admit(s, valid ? Key<T>::make(v[u][j], at[u] + j, flip) : 0, valid, bound);
+        const bool valid = at + j < end;
+        admit(s, valid ? Key<T>::make(cur.v[u][j], at + j, flip) : 0, valid, bound);
       }
     }
     __syncthreads();
+    cur = next;
   }
 }
 
@@ -231,6 +253,7 @@ struct Args {
   bool sorted;
   unsigned int* tickets;  // batch counters, zero between calls
   uint64_t* partial;      // batch * splits * k keys
+  uint64_t* bounds;       // batch * splits admission bounds: at least k keys of the row are >= each
   int64_t* indices;       // batch * k
 };
 
@@ -255,6 +278,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
   if (a.splits > 1) {
     uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * k;
     for (int i = threadIdx.x; i < k; i += kThreads) mine[i] = i < s.count ? s.buf[i] : 0;
+    if (threadIdx.x == 0) a.bounds[row * a.splits + blockIdx.y] = s.bound;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -266,6 +290,12 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // Every split kept its k keys at or above its bound, so the highest bound is one for the row.
+    for (int i = threadIdx.x; i < a.splits; i += kThreads) {
+      atomicMax(reinterpret_cast<unsigned long long*>(&s.bound),
+                __ldcg(reinterpret_cast<const unsigned long long*>(a.bounds + row * a.splits + i)));
+    }
+    __syncthreads();
     stream_keys(s, k, a.partial + row * a.splits * k, static_cast<int64_t>(a.splits) * k);
     if (s.count > k) cut_to_k(s, k);
   }
@@ -308,6 +338,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
     auto* base = static_cast<unsigned char*>(workspace.data_ptr());
     a.tickets = reinterpret_cast<unsigned int*>(base);
     a.partial = reinterpret_cast<uint64_t*>(base + kTicketBytes);
+    a.bounds = a.partial + batch * splits * k;
   }
   const size_t smem = shared_bytes(static_cast<int>(k));
   auto kernel = topk_kernel<T, VEC>;
@@ -336,7 +367,7 @@ void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, 
 // Bytes of workspace one call with this shape needs on `device` (0: none).
 int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
   const int64_t splits = plan_splits(batch, vocab, k, static_cast<int>(device));
-  return splits > 1 ? kTicketBytes + batch * splits * k * static_cast<int64_t>(sizeof(uint64_t)) : 0;
+  return splits > 1 ? kTicketBytes + batch * splits * (k + 1) * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
 
 void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<torch::Tensor> workspace,

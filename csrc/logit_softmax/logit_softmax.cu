@@ -47,8 +47,9 @@ __device__ __forceinline__ Stats combine(Stats a, Stats b) {
   return {m, sa + sb};
 }
 
+template <int THREADS = kThreads>
 __device__ Stats block_reduce(Stats v) {
-  __shared__ Stats warp_stats[kThreads / 32];
+  __shared__ Stats warp_stats[THREADS / 32];
   for (int off = 16; off > 0; off >>= 1) {
     Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
     v = combine(v, o);
@@ -57,7 +58,7 @@ __device__ Stats block_reduce(Stats v) {
   if (lane == 0) warp_stats[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f};
+    v = lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f};
     for (int off = 16; off > 0; off >>= 1) {
       Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
       v = combine(v, o);
@@ -148,8 +149,10 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
 }
 
 
+constexpr int kClusterThreads = 512;
+
 template <typename T, int VEC, bool LOG>
-__global__ void __launch_bounds__(kThreads) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
+__global__ void __launch_bounds__(kClusterThreads, 2) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
                                                             float temp_scalar, float* __restrict__ out, int64_t vocab,
                                                             int64_t chunk) {
   extern __shared__ float cache[];  // this block's chunk of x / t
@@ -161,8 +164,8 @@ __global__ void __launch_bounds__(kThreads) cluster_softmax(const T* __restrict_
   const int64_t end = min(begin + chunk, vocab);
   const T* x = logits + row * vocab;
   Stats st{-INFINITY, 0.f};
-#pragma unroll 4
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
+#pragma unroll 8
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kClusterThreads * VEC) {
     Vec<T, VEC> v = load<T, VEC>(x + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) cluster_softmax(const T* __restrict_
       add(st, z);
     }
   }
-  st = block_reduce(st);
+  st = block_reduce<kClusterThreads>(st);
   if (threadIdx.x == 0) block_stats = st;
   cluster.sync();
   if (threadIdx.x < 32) {
@@ -188,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) cluster_softmax(const T* __restrict_
   const float log_sum = logf(total.s), inv_sum = 1.f / total.s;
   float* y = out + row * vocab;
 #pragma unroll 4
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kThreads * VEC) {
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kClusterThreads * VEC) {
     Vec<float, VEC> r;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -223,7 +226,7 @@ void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_s
   if (cs > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(cs, static_cast<unsigned>(batch));
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(kClusterThreads);
   config.dynamicSmemBytes = smem;
   config.stream = at::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attribute[1];
