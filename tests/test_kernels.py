@@ -141,3 +141,13 @@ def test_topk_in_a_cuda_graph_survives_workspace_growth():
     small.copy_(torch.randn_like(small))
     graph.replay()
     assert torch.equal(graph_indices, stable_reference(small, 50)[1])
+
+
+def test_topk_many_calls_on_multi_tile_split_rows_stay_exact():
+    # The bench's sequence once exposed a block-wide race (a warp admitting keys while another
+    # still decided whether to cut the buffer): repeat calls over rows of several tiles.
+    for batch, vocab in ((16, 32000), (16, 128256), (64, 151936), (256, 151936)):
+        x = torch.randn(batch, vocab, device="cuda") * 3
+        ref = stable_reference(x, 50)[1]
+        for _ in range(10):
+            assert torch.equal(air_topk_last_dim(x, 50)[1], ref), (batch, vocab)

@@ -191,7 +191,9 @@ __device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, in
   cur.load(row, begin, end);
   for (int64_t base = begin; base < end; base += kTile) {
     if (base + kTile < end) next.load(row, base + kTile, end);
-    if (s.count + kTile > cap) cut_to_k(s, k);
+    const int count = s.count;
+    __syncthreads();  // every thread decides on the same count before any admits into this tile
+    if (count + kTile > cap) cut_to_k(s, k);
     const uint64_t bound = s.bound;
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
@@ -211,7 +213,9 @@ __device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, in
 __device__ void stream_keys(Selection& s, int k, const uint64_t* keys, int64_t n) {
   const int cap = capacity(k);
   for (int64_t base = 0; base < n; base += kTile) {
-    if (s.count + kTile > cap) cut_to_k(s, k);
+    const int count = s.count;
+    __syncthreads();  // as in stream_logits
+    if (count + kTile > cap) cut_to_k(s, k);
     const uint64_t bound = s.bound;
 #pragma unroll 4
     for (int u = 0; u < kItems; ++u) {
@@ -309,28 +313,37 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
 
 size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + k) * sizeof(uint64_t); }
 
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+struct Plan {
+  int64_t splits, chunk;  // blocks per row, elements per block (a multiple of every vector width)
+};
+
 // Blocks per row: enough for about two blocks per SM, each streaming at least kMinChunk
 // elements and at least 4 k, so that merging splits * k keys stays cheaper than the row.
-int64_t plan_splits(int64_t batch, int64_t vocab, int64_t k, int device) {
-  if (batch > kMaxTicketRows) return 1;
-  const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  const int64_t by_gpu = (2 * sms + batch - 1) / batch;
-  const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
-  return std::max<int64_t>(1, std::min(by_gpu, by_size));
+Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
+  int64_t splits = 1;
+  if (batch <= kMaxTicketRows) {
+    const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+    const int64_t by_gpu = (2 * sms + batch - 1) / batch;
+    const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
+    splits = std::max<int64_t>(1, std::min(by_gpu, by_size));
+  }
+  const int64_t chunk = round_up((vocab + splits - 1) / splits, 16);
+  return {(vocab + chunk - 1) / chunk, chunk};  // rounding the chunk up may leave fewer blocks
 }
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 template <typename T, int VEC>
 void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch::Tensor& workspace,
             torch::Tensor& values, torch::Tensor& indices) {
   const int64_t batch = x.size(0), vocab = x.size(1);
-  const int64_t splits = plan_splits(batch, vocab, k, x.get_device());
+  const Plan p = plan(batch, vocab, k, x.get_device());
+  const int64_t splits = p.splits;
   Args a{};
   a.vocab = vocab;
   a.k = static_cast<int>(k);
   a.splits = static_cast<int>(splits);
-  a.chunk = round_up((vocab + splits - 1) / splits, VEC);
+  a.chunk = p.chunk;
   a.flip = largest ? 0 : ~0ull;
   a.sorted = sorted;
   a.indices = indices.data_ptr<int64_t>();
@@ -345,7 +358,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>((vocab + a.chunk - 1) / a.chunk));
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits));
   kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(values.data_ptr()), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -366,7 +379,7 @@ void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, 
 
 // Bytes of workspace one call with this shape needs on `device` (0: none).
 int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
-  const int64_t splits = plan_splits(batch, vocab, k, static_cast<int>(device));
+  const int64_t splits = plan(batch, vocab, k, static_cast<int>(device)).splits;
   return splits > 1 ? kTicketBytes + batch * splits * (k + 1) * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
 
