@@ -56,7 +56,7 @@ def decode(library, tmp_path, device="cpu", flag=True, graphs=False):
     """Run three decode steps in a child process with the recorder loaded; what each process recorded."""
     prefix = tmp_path / "record"
     env = nvtx_recorder.environment(library, prefix)
-    env["PYTHONPATH"] = os.environ["XLLM_PORT_TARGET"]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["XLLM_PORT_TARGET"], env.get("PYTHONPATH")]))
     argv = [device, "on" if flag else "off", "on" if graphs else "off"]
     subprocess.run([sys.executable, "-c", DECODE, *argv], env=env, check=True, timeout=600)
     return nvtx_recorder.read(prefix)
