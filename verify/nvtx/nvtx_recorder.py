@@ -2,7 +2,7 @@
 
 :func:`build` compiles the injection library with the system C compiler; :func:`environment`
 gives the variables that make a child process load it; :func:`read` returns what each process
-recorded and :func:`tree` nests one process's ranges of one domain.
+recorded, :func:`tree` nests one process's ranges of one domain and :func:`names` lists a tree's.
 """
 from __future__ import annotations
 
@@ -68,3 +68,8 @@ def tree(events: list[tuple[str, ...]], domain: str) -> list[tuple[str, list]]:
     if len(stack) != 1:
         raise AssertionError(f"{len(stack) - 1} range(s) of {domain} left open")
     return root
+
+
+def names(nodes: list[tuple[str, list]]) -> list[str]:
+    """Every range name of a :func:`tree`, depth first."""
+    return [n for name, children in nodes for n in (name, *names(children))]

@@ -11,24 +11,28 @@ import sys
 
 import nvtx as nvtx_package
 import pytest
-import torch
 
 import nvtx_recorder
-from engine.decode import Engine
-from engine.sampling import SamplingParams
-from xllm_sampling import flags
 from xllm_sampling.nvtx import DOMAIN, STAGES
 
+# One decode of three steps, run in a child process with the recorder (argv: device, nvtx, graphs)
+# and in this process with the nvtx package's push/pop replaced.
 DECODE = """
-import sys, torch
+import torch
 from engine.decode import Engine
 from engine.sampling import SamplingParams
 from xllm_sampling import flags
-device, flag, graphs = sys.argv[1], sys.argv[2] == "on", sys.argv[3] == "on"
-engine = Engine(device=device)
-params = SamplingParams(torch.full((2,), 0.8), 20, 0.9, 0.0, torch.arange(2, dtype=torch.int64))
-with flags.override(nvtx=flag, cuda_graph=graphs):
-    engine.generate(torch.randint(1, engine.cfg.vocab, (2, 4)), 3, params)
+
+
+def decode(device, flag, graphs):
+    engine = Engine(device=device)
+    params = SamplingParams(torch.full((2,), 0.8), 20, 0.9, 0.0, torch.arange(2, dtype=torch.int64))
+    with flags.override(nvtx=flag, cuda_graph=graphs):
+        engine.generate(torch.randint(1, engine.cfg.vocab, (2, 4)), 3, params)
+"""
+CHILD = DECODE + """
+import sys
+decode(sys.argv[1], sys.argv[2] == "on", sys.argv[3] == "on")
 """
 
 
@@ -37,10 +41,9 @@ def requested_tree(monkeypatch):
     events = []
     monkeypatch.setattr(nvtx_package, "push_range", lambda message, domain: events.append(("push", domain, message)))
     monkeypatch.setattr(nvtx_package, "pop_range", lambda domain: events.append(("pop", domain)))
-    params = SamplingParams(torch.full((2,), 0.8), 20, 0.9, 0.0, torch.arange(2, dtype=torch.int64))
-    engine = Engine()
-    with flags.override(nvtx=True, cuda_graph=False):
-        engine.generate(torch.randint(1, engine.cfg.vocab, (2, 4)), 3, params)
+    namespace = {}
+    exec(DECODE, namespace)  # noqa: S102 - the same decode as the child's
+    namespace["decode"]("cpu", True, False)
     return nvtx_recorder.tree(events, DOMAIN)
 
 
@@ -58,7 +61,7 @@ def decode(library, tmp_path, device="cpu", flag=True, graphs=False):
     env = nvtx_recorder.environment(library, prefix)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["XLLM_PORT_TARGET"], env.get("PYTHONPATH")]))
     argv = [device, "on" if flag else "off", "on" if graphs else "off"]
-    subprocess.run([sys.executable, "-c", DECODE, *argv], env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, check=True, timeout=600)
     return nvtx_recorder.read(prefix)
 
 
@@ -69,11 +72,7 @@ def test_flag_on_records_each_decode_step_with_its_nested_ranges(library, tmp_pa
     steps = nvtx_recorder.tree(events, DOMAIN)
     assert len(steps) == 3 and all(step == steps[0] for step in steps)
     assert steps[0][0] == f"{DOMAIN}/decode_step"
-
-    def names(nodes):
-        return {n for name, children in nodes for n in (name, *names(children))}
-
-    assert names(steps) <= {f"{DOMAIN}/{stage}" for stage in STAGES}
+    assert set(nvtx_recorder.names(steps)) <= {f"{DOMAIN}/{stage}" for stage in STAGES}
     assert steps == requested_tree(monkeypatch)
 
 
@@ -86,9 +85,5 @@ def test_cuda_graph_capture_and_replay_are_ranges(library, tmp_path):
     (events,) = decode(library, tmp_path, device="cuda", graphs=True).values()
     steps = nvtx_recorder.tree(events, DOMAIN)
     assert [name for name, _ in steps] == [f"{DOMAIN}/decode_step"] * 3
-
-    def names(nodes):
-        return [n for name, children in nodes for n in (name, *names(children))]
-
-    inside = names(steps)
+    inside = nvtx_recorder.names(steps)
     assert f"{DOMAIN}/cuda_graph/capture" in inside and inside.count(f"{DOMAIN}/cuda_graph/replay") >= 2
