@@ -7,6 +7,7 @@ is the median of ``reps`` pairs, wall clock with the device synchronised (host t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import statistics
 import sys
@@ -25,19 +26,31 @@ from .port import demo, series
 SHORT, LONG = 4, 36  # generated tokens of the two timed runs
 
 
-def _engine_with_series(folder: Path):
-    """The reference engine in ``folder`` with every patch of the shipped series applied; its modules."""
-    path = demo.create_target(folder / "refengine")
+def _is_engine(module: str) -> bool:
+    return module == "engine" or module.startswith("engine.")
+
+
+@contextlib.contextmanager
+def _engine_with_series():
+    """The reference engine with every patch of the shipped series applied, in a temporary folder:
+    (its step flags, (engine.decode, engine.model, engine.sampling)). On exit sys.path and any
+    ``engine`` modules imported before are as they were."""
     steps = series.load(SERIES_DIR)
-    with git.Repo(path) as repo:
-        for step in steps:
-            repo.git.apply(str(step.patch))
-    sys.path.insert(0, str(path))
-    for name in [m for m in sys.modules if m == "engine" or m.startswith("engine.")]:
-        del sys.modules[name]
-    modules = (importlib.import_module("engine.decode"), importlib.import_module("engine.model"),
-               importlib.import_module("engine.sampling"))
-    return [step.flag for step in steps], modules
+    with tempfile.TemporaryDirectory() as tmp:
+        path = demo.create_target(Path(tmp) / "refengine")
+        with git.Repo(path) as repo:
+            for step in steps:
+                repo.git.apply(str(step.patch))
+        saved = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_engine(name)}
+        sys.path.insert(0, str(path))
+        try:
+            yield [step.flag for step in steps], tuple(
+                importlib.import_module(f"engine.{name}") for name in ("decode", "model", "sampling"))
+        finally:
+            sys.path.remove(str(path))
+            for name in [name for name in sys.modules if _is_engine(name)]:
+                del sys.modules[name]
+            sys.modules.update(saved)
 
 
 def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
@@ -50,8 +63,7 @@ def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
 def run(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
     """Time the decode loop for every configuration and batch size; header and rows."""
     device = gate.device_kind()
-    with tempfile.TemporaryDirectory() as tmp:
-        step_flags, (decode, model, sampling) = _engine_with_series(Path(tmp))
+    with _engine_with_series() as (step_flags, (decode, model, sampling)):
         engine = decode.Engine(model.Config(vocab=vocab, max_len=LONG + 16), device)
         configs = configurations(step_flags)
         rows = []
