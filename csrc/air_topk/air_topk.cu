@@ -36,6 +36,8 @@ constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger ba
 constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
 constexpr int64_t kMinChunk = 1024;         // a split block streams at least this many elements
 
+__host__ __device__ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 __host__ __device__ constexpr int capacity(int k) { return kTile + (2 * k > 1024 ? 2 * k : 1024); }
 
 // Order-preserving unsigned image of a value; NaN is the largest.
@@ -77,8 +79,6 @@ struct Selection {
   int found_bucket, found_greater, found_count, kept;
 };
 
-__device__ __forceinline__ int round_up_int(int n, int m) { return (n + m - 1) / m * m; }
-
 // Cut buf to its k largest keys (count > k). Returns with count == k and bound raised.
 __device__ void cut_to_k(Selection& s, int k) {
   const int n = s.count;
@@ -90,7 +90,7 @@ __device__ void cut_to_k(Selection& s, int k) {
     // Warp-aggregated: lanes whose keys share a bucket add once (ties and narrow value ranges
     // would otherwise serialise on one shared-memory counter).
     const int lane = threadIdx.x & 31;
-    for (int i = threadIdx.x; i < round_up_int(n, kThreads); i += kThreads) {
+    for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {
       const uint64_t key = i < n ? s.buf[i] : 0;
       const bool in = i < n && (key & mask) == prefix;
       const int bucket = in ? static_cast<int>((key >> shift) & 0xFF) : 256;
@@ -312,8 +312,6 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
 }
 
 size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + k) * sizeof(uint64_t); }
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct Plan {
   int64_t splits, chunk;  // blocks per row, elements per block (a multiple of every vector width)
