@@ -15,7 +15,7 @@ def kernels_built():
         assert kernels.load(step) is not None, f"the {step} kernel did not build"
 
 
-# -- logit_softmax: cluster path (rows up to 409600) and two-launch path (longer rows) --------
+# -- logit_softmax: cluster path (fp32 rows up to 409600) and two-launch path (longer rows) --------
 
 @pytest.mark.parametrize("batch,vocab", [(1, 1), (1, 151936), (16, 128256), (300, 32000), (3, 4097),
                                          (64, 151936), (2, 262144), (2, 500001), (4096, 1000)])
@@ -40,8 +40,10 @@ def test_softmax_half_inputs_match_torch(dtype):
     assert (out - torch.softmax(logits.float() / 0.7, -1)).abs().max().item() <= 1e-6
 
 
-def test_softmax_special_rows_and_unaligned_input():
-    logits = torch.randn(6, 100003, device="cuda")
+@pytest.mark.parametrize("vocab,dtype", [(100003, torch.float32), (100000, torch.float32), (100000, torch.bfloat16)])
+def test_softmax_special_rows_and_unaligned_input(vocab, dtype):
+    """Odd rows take element copies, 16-byte aligned rows the bulk copies: both see the special rows."""
+    logits = torch.randn(6, vocab, device="cuda").to(dtype)
     logits[0] = 1.5  # all equal
     logits[1] = float("-inf")
     logits[2, 7] = float("nan")

@@ -10,11 +10,12 @@
 // by the lower index, and sorting the winners by key gives torch.topk(sorted=True)'s order.
 //
 // One block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
-// and keeps every key at or above its admission bound in a shared-memory buffer. When the
+// and keeps every key at or above its admission bound in a shared-memory buffer. The first
+// tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); when the
 // buffer could overflow it is cut to its k largest keys by a radix select (8-bit digits from
-// the top, stopping as soon as the bucket holding the k-th key is taken whole); the bound
-// then rises to that cut, so after the first tiles almost nothing is admitted and the pass
-// runs at the speed of the loads.
+// the top, stopping as soon as the bucket holding the k-th key is taken whole) and the bound
+// rises to that cut. Warps test values against the bound as floats before making any key, so
+// after the first tile almost nothing is admitted and the pass runs at the speed of the loads.
 // Small batches split each row over `splits` blocks: each writes its k best keys and its
 // bound to the workspace, and the row's last block to finish (a ticket counter, reset by that
 // block) selects the final k from those splits * k keys, admitting only keys at or above the
@@ -26,17 +27,22 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include "launch_helpers.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItems = 16;                  // elements per thread per tile
+constexpr int kItems = 8;                   // elements per thread per tile
 constexpr int kTile = kThreads * kItems;    // elements per tile
 constexpr int kMaxK = 1024;
 constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger batches never are)
 constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
-constexpr int64_t kMinChunk = 1024;         // a split block streams at least this many elements
+constexpr int64_t kMinChunk = 2048;         // a split block streams at least this many elements
+constexpr int kBlocksPerSm = 4;             // resident blocks per SM (launch bounds; shared memory allows 5 at k = 1024)
+constexpr int kSeedBits = 11;               // digit of the first tile's histogram (sign, exponent, 2 mantissa bits of fp32)
+constexpr int kSeedBuckets = 1 << kSeedBits;
 
-__host__ __device__ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+using xllm::round_up;
 
 __host__ __device__ constexpr int capacity(int k) { return kTile + (2 * k > 1024 ? 2 * k : 1024); }
 
@@ -57,13 +63,33 @@ __device__ __forceinline__ uint64_t value_bits(__half x) {
   return u ^ ((u >> 15) ? 0xFFFFu : 0x8000u);
 }
 
+__device__ __forceinline__ float float_of_bits(uint32_t bits, float) { return __uint_as_float(bits); }
+__device__ __forceinline__ float float_of_bits(uint32_t bits, __nv_bfloat16) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
+}
+__device__ __forceinline__ float float_of_bits(uint32_t bits, __half) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
 template <typename T>
 struct Key {
   static constexpr int kValueBits = 8 * sizeof(T);
+  static constexpr uint32_t kMask = kValueBits == 32 ? 0xFFFFFFFFu : 0xFFFFu, kTop = 1u << (kValueBits - 1);
+
   // flip: all ones for largest=false (rank the smallest values first), else 0.
   static __device__ __forceinline__ uint64_t make(T x, int64_t index, uint64_t flip) {
     const uint64_t v = value_bits(x) ^ flip;
     return (v << (64 - kValueBits)) | static_cast<uint32_t>(~static_cast<uint32_t>(index));
+  }
+
+  // A cheap pre-test on values: with sign = -1 for largest=false, else 1, every x whose key
+  // reaches `bound` (NaN included) has !(x * sign < threshold(bound) * sign).
+  static __device__ __forceinline__ float threshold(uint64_t bound, uint64_t flip) {
+    const uint32_t ordered = static_cast<uint32_t>((bound >> (64 - kValueBits)) ^ flip) & kMask;
+    return float_of_bits((ordered & kTop) ? ordered ^ kTop : ~ordered & kMask, T{});
   }
 };
 
@@ -78,6 +104,17 @@ struct Selection {
   int hist[256];
   int found_bucket, found_greater, found_count, kept;
 };
+
+// Append `key` to dst[*count] when `take` (one shared-memory atomic per warp).
+__device__ __forceinline__ void append(uint64_t* dst, int* count, uint64_t key, bool take) {
+  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, take);
+  if (ballot == 0) return;
+  const int lane = threadIdx.x & 31, leader = __ffs(ballot) - 1;
+  int base = 0;
+  if (lane == leader) base = atomicAdd(count, __popc(ballot));
+  base = __shfl_sync(0xFFFFFFFFu, base, leader);
+  if (take) dst[base + __popc(ballot & ((1u << lane) - 1))] = key;
+}
 
 // Cut buf to its k largest keys (count > k). Returns with count == k and bound raised.
 __device__ void cut_to_k(Selection& s, int k) {
@@ -131,9 +168,9 @@ __device__ void cut_to_k(Selection& s, int k) {
   // Keep exactly the keys >= prefix (prefix's low bits are zero): k of them.
   if (threadIdx.x == 0) s.kept = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const uint64_t key = s.buf[i];
-    if (key >= prefix) s.aux[atomicAdd(&s.kept, 1)] = key;
+  for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {
+    const uint64_t key = i < n ? s.buf[i] : 0;
+    append(s.aux, &s.kept, key, i < n && key >= prefix);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < k; i += kThreads) s.buf[i] = s.aux[i];
@@ -142,18 +179,6 @@ __device__ void cut_to_k(Selection& s, int k) {
     s.bound = prefix;
   }
   __syncthreads();
-}
-
-// Append the keys of this thread that pass the bound (warp-aggregated slot reservation).
-__device__ __forceinline__ void admit(Selection& s, uint64_t key, bool valid, uint64_t bound) {
-  const bool take = valid && key >= bound;
-  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, take);
-  if (ballot == 0) return;
-  const int lane = threadIdx.x & 31;
-  int base = 0;
-  if (lane == __ffs(ballot) - 1) base = atomicAdd(&s.count, __popc(ballot));
-  base = __shfl_sync(0xFFFFFFFFu, base, __ffs(ballot) - 1);
-  if (take) s.buf[base + __popc(ballot & ((1u << lane) - 1))] = key;
 }
 
 template <typename T, int VEC>
@@ -180,73 +205,168 @@ struct Tile {
   }
 };
 
-// Stream logits[begin, end) of one row into the selection. VEC: elements per load. The next
-// tile's loads are issued before this tile is sifted, so the memory system never idles.
+// One row's logits [begin, end) as a source of keys, a tile of kItems per thread at a time
+// (zero past the end). The next tile's loads are issued before this tile is sifted, so the
+// memory system never idles.
 template <typename T, int VEC>
-__device__ void stream_logits(Selection& s, int k, const T* __restrict__ row, int64_t begin, int64_t end,
-                              uint64_t flip) {
-  constexpr int kLoads = Tile<T, VEC>::kLoads;
-  const int cap = capacity(k);
+struct LogitKeys {
+  const T* __restrict__ row;
+  int64_t begin, end;
+  uint64_t flip;
   Tile<T, VEC> cur, next;
-  cur.load(row, begin, end);
-  for (int64_t base = begin; base < end; base += kTile) {
+  int64_t base;
+
+  __device__ void start() { next.load(row, begin, end); }
+
+  __device__ __forceinline__ void load(int64_t tile_base) {
+    cur = next;
+    base = tile_base;
     if (base + kTile < end) next.load(row, base + kTile, end);
+  }
+
+  __device__ __forceinline__ int64_t at(int u, int j) const {
+    return base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC + j;
+  }
+
+  __device__ __forceinline__ uint64_t key(int i) const {
+    const int u = i / VEC, j = i % VEC;
+    return at(u, j) < end ? Key<T>::make(cur.v[u][j], at(u, j), flip) : 0;
+  }
+
+  // Whether any of this thread's keys may reach `bound` (compares values, not keys).
+  __device__ __forceinline__ bool may_reach(uint64_t bound) const {
+    const float sign = flip ? -1.f : 1.f, t = Key<T>::threshold(bound, flip) * sign;
+    const bool full = base + kTile <= end;
+    bool any = false;
+#pragma unroll
+    for (int u = 0; u < Tile<T, VEC>::kLoads; ++u) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) any |= (full || at(u, j) < end) && !(to_float(cur.v[u][j]) * sign < t);
+    }
+    return any;
+  }
+};
+
+// Keys already made, keys[begin, end) (zero = empty slot), written by other blocks; read
+// where they are needed (from L2) rather than held in registers.
+struct StoredKeys {
+  const uint64_t* keys;
+  int64_t begin, end;
+  int64_t base;
+
+  __device__ void start() {}
+
+  __device__ __forceinline__ void load(int64_t tile_base) { base = tile_base; }
+
+  __device__ __forceinline__ uint64_t key(int i) const {
+    const int64_t at = base + i * kThreads + threadIdx.x;
+    return at < end ? __ldcg(reinterpret_cast<const unsigned long long*>(keys + at)) : 0;
+  }
+
+  __device__ __forceinline__ bool may_reach(uint64_t bound) const {
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) any |= key(i) >= bound;
+    return any;
+  }
+};
+
+// Admit the source's keys of this thread's tile that reach the bound (zero keys never do:
+// the bound is >= 1). Warps whose values all fail the source's cheap pre-test skip the keys.
+template <typename Source>
+__device__ __forceinline__ void admit(Selection& s, const Source& source, uint64_t bound) {
+  if (!__any_sync(0xFFFFFFFFu, source.may_reach(bound))) return;  // after the first tiles almost always
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint64_t key = source.key(i);
+    append(s.buf, &s.count, key, key >= bound);
+  }
+}
+
+// Raise the bound from a histogram of the top kSeedBits of keys (a tile's worth, zero = no
+// key): the lowest bucket edge that at least k of them reach. With no selection yet this
+// replaces admitting the whole first tile and cutting it digit by digit.
+template <typename Source>
+__device__ void seed_bound(Selection& s, int k, const Source& source) {
+  int* hist = reinterpret_cast<int*>(s.buf);  // the buffer is empty until the first admission
+  for (int b = threadIdx.x; b < kSeedBuckets; b += kThreads) hist[b] = 0;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint64_t key = source.key(i);
+    if (key != 0) atomicAdd(&hist[key >> (64 - kSeedBits)], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    constexpr int kPerLane = kSeedBuckets / 32;  // lane L sums buckets [L * kPerLane, (L + 1) * kPerLane)
+    const int lane = threadIdx.x;
+    int sum = 0;
+    for (int j = 0; j < kPerLane; ++j) sum += hist[lane * kPerLane + (j + lane) % kPerLane];  // rotated: no bank conflicts
+    int suffix = sum;  // sum over lanes >= lane
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_down_sync(0xFFFFFFFFu, suffix, off);
+      if (lane + off < 32) suffix += v;
+    }
+    int greater = suffix - sum;
+    if (greater < k && k <= suffix) {
+      int b = lane * kPerLane + kPerLane - 1;
+      while (greater + hist[b] < k) greater += hist[b--];
+      const uint64_t edge = static_cast<uint64_t>(b) << (64 - kSeedBits);
+      if (edge > s.bound) s.bound = edge;
+    }
+  }
+  __syncthreads();
+}
+
+// Stream a source's keys into the selection, tile by tile; the first tile of an empty
+// selection seeds the bound from its histogram.
+template <typename Source>
+__device__ void stream(Selection& s, int k, Source& source) {
+  const int cap = capacity(k);
+  source.start();
+  for (int64_t base = source.begin; base < source.end; base += kTile) {
+    source.load(base);
     const int count = s.count;
     __syncthreads();  // every thread decides on the same count before any admits into this tile
+    if (count == 0 && base == source.begin) seed_bound(s, k, source);
     if (count + kTile > cap) cut_to_k(s, k);
-    const uint64_t bound = s.bound;
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int64_t at = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const bool valid = at + j < end;
-        admit(s, valid ? Key<T>::make(cur.v[u][j], at + j, flip) : 0, valid, bound);
+    admit(s, source, s.bound);
+    __syncthreads();
+  }
+}
+
+// Bitonic sort of buf[0, p) descending by `threads` threads, `sync` between steps.
+template <typename Sync>
+__device__ void bitonic_descending(uint64_t* buf, int p, int threads, Sync sync) {
+  for (int size = 2; size <= p; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < p / 2; i += threads) {
+        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const uint64_t a = buf[lo], b = buf[hi];
+        if ((a < b) == desc && a != b) {
+          buf[lo] = b;
+          buf[hi] = a;
+        }
       }
+      sync();
     }
-    __syncthreads();
-    cur = next;
   }
 }
 
-// Stream n keys (zero = empty slot) into the selection.
-__device__ void stream_keys(Selection& s, int k, const uint64_t* keys, int64_t n) {
-  const int cap = capacity(k);
-  for (int64_t base = 0; base < n; base += kTile) {
-    const int count = s.count;
-    __syncthreads();  // as in stream_logits
-    if (count + kTile > cap) cut_to_k(s, k);
-    const uint64_t bound = s.bound;
-#pragma unroll 4
-    for (int u = 0; u < kItems; ++u) {
-      const int64_t i = base + u * kThreads + threadIdx.x;
-      const bool valid = i < n;
-      const uint64_t key = valid ? __ldcg(reinterpret_cast<const unsigned long long*>(keys + i)) : 0;
-      admit(s, key, valid && key != 0, bound);
-    }
-    __syncthreads();
-  }
-}
-
-// Sort buf[0, k) by key, descending (bitonic over the next power of two, padded with zeros).
+// Sort buf[0, k) by key, descending (over the next power of two, padded with zeros); up to
+// 64 keys one warp sorts them without block barriers.
 __device__ void sort_descending(Selection& s, int k) {
   int p = 1;
   while (p < k) p <<= 1;
   for (int i = k + threadIdx.x; i < p; i += kThreads) s.buf[i] = 0;
   __syncthreads();
-  for (int size = 2; size <= p; size <<= 1) {
-    for (int stride = size / 2; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < p / 2; i += kThreads) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool desc = (lo & size) == 0;
-        const uint64_t a = s.buf[lo], b = s.buf[hi];
-        if ((a < b) == desc && a != b) {
-          s.buf[lo] = b;
-          s.buf[hi] = a;
-        }
-      }
-      __syncthreads();
-    }
+  if (p <= 64) {
+    if (threadIdx.x < 32) bitonic_descending(s.buf, p, 32, [] { __syncwarp(); });
+    __syncthreads();
+  } else {
+    bitonic_descending(s.buf, p, kThreads, [] { __syncthreads(); });
   }
 }
 
@@ -262,7 +382,7 @@ struct Args {
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x, T* __restrict__ values, Args a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* __restrict__ x, T* __restrict__ values, Args a) {
   extern __shared__ uint64_t smem[];
   __shared__ Selection s;
   __shared__ bool last;
@@ -277,7 +397,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
   __syncthreads();
   const T* xr = x + row * a.vocab;
   const int64_t begin = blockIdx.y * a.chunk, end = min(begin + a.chunk, a.vocab);
-  stream_logits<T, VEC>(s, k, xr, begin, end, a.flip);
+  LogitKeys<T, VEC> logits{xr, begin, end, a.flip};
+  stream(s, k, logits);
   if (s.count > k) cut_to_k(s, k);
   if (a.splits > 1) {
     uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * k;
@@ -300,7 +421,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const T* __restrict__ x,
                 __ldcg(reinterpret_cast<const unsigned long long*>(a.bounds + row * a.splits + i)));
     }
     __syncthreads();
-    stream_keys(s, k, a.partial + row * a.splits * k, static_cast<int64_t>(a.splits) * k);
+    StoredKeys partial{a.partial + row * a.splits * k, 0, static_cast<int64_t>(a.splits) * k};
+    stream(s, k, partial);
     if (s.count > k) cut_to_k(s, k);
   }
   if (a.sorted) sort_descending(s, k);
@@ -317,13 +439,13 @@ struct Plan {
   int64_t splits, chunk;  // blocks per row, elements per block (a multiple of every vector width)
 };
 
-// Blocks per row: enough for about two blocks per SM, each streaming at least kMinChunk
-// elements and at least 4 k, so that merging splits * k keys stays cheaper than the row.
+// Blocks per row: as many as run at once on the GPU (one wave), each streaming at least
+// kMinChunk elements and at least 4 k, so that merging splits * k keys stays cheaper than the row.
 Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
   int64_t splits = 1;
   if (batch <= kMaxTicketRows) {
     const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-    const int64_t by_gpu = (2 * sms + batch - 1) / batch;
+    const int64_t by_gpu = kBlocksPerSm * sms / batch;
     const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
     splits = std::max<int64_t>(1, std::min(by_gpu, by_size));
   }
@@ -352,10 +474,8 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
     a.bounds = a.partial + batch * splits * k;
   }
   const size_t smem = shared_bytes(static_cast<int>(k));
-  auto kernel = topk_kernel<T, VEC>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  constexpr auto kernel = topk_kernel<T, VEC>;
+  xllm::configure_once<kernel>(x.get_device(), static_cast<int>(shared_bytes(kMaxK)));
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits));
   kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(values.data_ptr()), a);

@@ -1,10 +1,12 @@
 // Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
 //
 // Main path, one launch, logits read once: each row belongs to a thread-block cluster of
-// 1 to 16 blocks (Hopper). Each block loads its chunk of the row once (16-byte loads) into
-// shared memory as x / t while keeping an online (max, sum of exp); the cluster combines the
-// blocks' partials through distributed shared memory, and each block writes its chunk
-// normalised from shared memory. A small batch uses large clusters so that B = 1 fills 16 SMs.
+// 1 to 16 blocks (Hopper). Each block copies its chunk of the row once into shared memory
+// (bulk copies when rows are 16-byte aligned, folding each piece into an online (max, sum of
+// exp) as it lands; element loads otherwise); the cluster combines the blocks' partials
+// through distributed shared memory, and each block writes its chunk normalised from shared
+// memory. A small batch uses large clusters so that B = 1 spreads over 16 SMs; chunks of at
+// most 40 KB where the row allows leave room for several blocks per SM.
 //
 // Rows too long for 16 blocks' shared memory take two launches over (batch, splits) blocks:
 //   1. partial_stats: online (max, sum of exp) of its chunk;
@@ -17,14 +19,17 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include "launch_helpers.cuh"
+
 namespace cg = cooperative_groups;
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxCluster = 16;                   // non-portable cluster size, allowed on H100
-constexpr int64_t kMaxChunkBytes = 100 * 1024;    // shared memory per block: two blocks per SM
-constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer than this
+constexpr int64_t kChunkBytes = 40 * 1024;        // shared memory per block where rows allow: five blocks per SM
+constexpr int kMaxChunkBytes = 100 * 1024;        // the most one block caches (two blocks per SM)
+constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer than this (elements)
 
 struct Stats {
   float m;  // running max
@@ -149,32 +154,106 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
 }
 
 
-constexpr int kClusterThreads = 512;
+using xllm::round_up;
 
-template <typename T, int VEC, bool LOG>
-__global__ void __launch_bounds__(kClusterThreads, 2) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
-                                                            float temp_scalar, float* __restrict__ out, int64_t vocab,
-                                                            int64_t chunk) {
-  extern __shared__ float cache[];  // this block's chunk of x / t
+constexpr int kPieces = 4;  // a block's chunk arrives in this many bulk copies, each with its own barrier
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copy `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory into this
+// block's shared memory with the bulk copy engine; `barrier` completes when they have arrived.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   shared_address(dst)),
+               "l"(src), "r"(bytes), "r"(shared_address(barrier))
+               : "memory");
+}
+
+__device__ __forceinline__ void wait_barrier(uint64_t* barrier) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(shared_address(barrier))
+      : "memory");
+}
+
+// Max that keeps a NaN once it has seen one.
+__device__ __forceinline__ float nan_max(float m, float x) { return (x > m || x != x) ? x : m; }
+
+// This thread's vectors of a chunk of n elements cut into pieces of `piece` elements: f(i)
+// for each vector start i, piece by piece; before each piece, arrive(p).
+template <int THREADS, int VEC, typename Arrive, typename F>
+__device__ __forceinline__ void for_each_vector(int n, int piece, Arrive arrive, F f) {
+  for (int p = 0; p * piece < n; ++p) {
+    const int from = p * piece, to = min(from + piece, n);
+    arrive(p);
+#pragma unroll 4
+    for (int i = from + threadIdx.x * VEC; i < to; i += THREADS * VEC) f(i);
+  }
+}
+
+// One cluster per row; each block caches its chunk of the row in shared memory as the logits'
+// own type. BULK: the chunk arrives through kPieces bulk copies (rows 16-byte aligned and a
+// whole number of 16-byte vectors), and the block takes each piece's max as soon as it lands;
+// otherwise the threads copy it element by element. Each thread then sums exp(z - its max)
+// over the same elements (no data-dependent branch), and the block and the cluster combine.
+template <typename T, int VEC, bool LOG, bool BULK, int THREADS>
+__global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                          float temp_scalar, float* __restrict__ out, int64_t vocab,
+                                                          int64_t chunk) {
+  extern __shared__ __align__(128) unsigned char cache_bytes[];
+  T* cache = reinterpret_cast<T*>(cache_bytes);
   __shared__ Stats block_stats, row_stats;
+  __shared__ uint64_t arrived[kPieces];
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t row = blockIdx.y;
   const float t = row_temperature(temp, temp_scalar, row);
   const int64_t begin = static_cast<int64_t>(cluster.block_rank()) * chunk;
-  const int64_t end = min(begin + chunk, vocab);
-  const T* x = logits + row * vocab;
-  Stats st{-INFINITY, 0.f};
-#pragma unroll 8
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kClusterThreads * VEC) {
-    Vec<T, VEC> v = load<T, VEC>(x + i);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float z = to_float(v.v[j]) / t;
-      cache[i - begin + j] = z;
-      add(st, z);
+  const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
+  const T* x = logits + row * vocab + begin;
+  // Piece p is [p * piece, min((p + 1) * piece, n)); piece is a whole number of vectors.
+  const int piece = BULK ? static_cast<int>(round_up((n + kPieces - 1) / kPieces, VEC)) : n;
+  float m = -INFINITY;  // of the raw logits: max(x / t) = max(x) / t, division being monotonic
+  if constexpr (BULK) {
+    if (threadIdx.x == 0) {
+      for (int p = 0; p < kPieces; ++p) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&arrived[p])) : "memory");
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      for (int from = 0, p = 0; from < n; from += piece, ++p) {
+        const int bytes = (min(from + piece, n) - from) * static_cast<int>(sizeof(T));
+        bulk_load(cache + from, x + from, static_cast<uint32_t>(bytes), &arrived[p]);
+      }
     }
+    __syncthreads();
+    for_each_vector<THREADS, VEC>(n, piece, [&](int p) { wait_barrier(&arrived[p]); }, [&](int i) {
+      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m = nan_max(m, to_float(v.v[j]));
+    });
+  } else {
+    for_each_vector<THREADS, 1>(n, piece, [](int) {}, [&](int i) {
+      const T v = x[i];
+      cache[i] = v;
+      m = nan_max(m, to_float(v));
+    });
   }
-  st = block_reduce<kClusterThreads>(st);
+  Stats st{m / t, 0.f};
+  if (st.m != -INFINITY) {  // else every element is -inf (or there are none): the sum is 0
+    for_each_vector<THREADS, VEC>(n, piece, [](int) {}, [&](int i) {
+      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) st.s += expf(to_float(v.v[j]) / t - st.m);  // NaN stays NaN
+    });
+  }
+  st = block_reduce<THREADS>(st);
   if (threadIdx.x == 0) block_stats = st;
   cluster.sync();
   if (threadIdx.x < 32) {
@@ -189,45 +268,43 @@ __global__ void __launch_bounds__(kClusterThreads, 2) cluster_softmax(const T* _
   cluster.sync();  // every block's stats were read before any block moves on (and may exit)
   const Stats total = row_stats;
   const float log_sum = logf(total.s), inv_sum = 1.f / total.s;
-  float* y = out + row * vocab;
+  float* y = out + row * vocab + begin;
 #pragma unroll 4
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += kClusterThreads * VEC) {
+  for (int i = threadIdx.x * VEC; i < n; i += THREADS * VEC) {
+    const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
     Vec<float, VEC> r;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float z = cache[i - begin + j] - total.m;
+      const float z = to_float(v.v[j]) / t - total.m;
       r.v[j] = LOG ? z - log_sum : expf(z) * inv_sum;
     }
     *reinterpret_cast<Vec<float, VEC>*>(y + i) = r;
   }
 }
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
-// the fewest whose chunk fits kMaxChunkBytes, doubled while the batch leaves SMs idle.
-int cluster_size(int64_t batch, int64_t vocab, int vec) {
+// the fewest whose chunk fits kChunkBytes (kMaxChunkBytes at 16 blocks), doubled while the
+// batch leaves SMs idle.
+int cluster_size(int64_t batch, int64_t vocab, int vec, int64_t elem_bytes) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  auto chunk_of = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec); };
+  auto chunk_bytes = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec) * elem_bytes; };
   int cs = 1;
-  while (cs <= kMaxCluster && chunk_of(cs) * static_cast<int64_t>(sizeof(float)) > kMaxChunkBytes) cs *= 2;
-  if (cs > kMaxCluster || batch > 65535) return 0;
-  while (cs < kMaxCluster && batch * cs < sms && chunk_of(2 * cs) >= kMinClusterChunk) cs *= 2;
+  while (cs < kMaxCluster && chunk_bytes(cs) > kChunkBytes) cs *= 2;
+  if (chunk_bytes(cs) > kMaxChunkBytes || batch > 65535) return 0;
+  while (cs < kMaxCluster && batch * cs < sms && chunk_bytes(2 * cs) >= kMinClusterChunk * elem_bytes) cs *= 2;
   return cs;
 }
 
-template <typename T, int VEC, bool LOG>
+template <typename T, int VEC, bool LOG, int THREADS>
 void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int cs) {
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int64_t chunk = round_up((vocab + cs - 1) / cs, VEC);
-  auto kernel = cluster_softmax<T, VEC, LOG>;
-  const size_t smem = static_cast<size_t>(chunk) * sizeof(float);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  if (cs > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  constexpr auto kernel = cluster_softmax<T, VEC, LOG, (VEC > 1), THREADS>;
+  xllm::configure_once<kernel>(logits.get_device(), kMaxChunkBytes, /*nonportable_clusters=*/true);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(cs, static_cast<unsigned>(batch));
-  config.blockDim = dim3(kClusterThreads);
-  config.dynamicSmemBytes = smem;
+  config.blockDim = dim3(THREADS);
+  config.dynamicSmemBytes = static_cast<size_t>(chunk) * sizeof(T);
   config.stream = at::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -240,9 +317,21 @@ void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_s
                                     out.data_ptr<float>(), vocab, chunk));
 }
 
+// Threads per cluster block: 512 while the grid is smaller than the GPU (latency-bound rows
+// get more hands each), else 256 so that more blocks share an SM.
+template <typename T, int VEC, bool LOG>
+void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int cs) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (logits.size(0) * cs <= sms) {
+    launch_cluster<T, VEC, LOG, 512>(logits, temp, temp_scalar, out, cs);
+  } else {
+    launch_cluster<T, VEC, LOG, 256>(logits, temp, temp_scalar, out, cs);
+  }
+}
+
 template <typename T, int VEC>
 void launch(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
-  const int cs = cluster_size(logits.size(0), logits.size(1), VEC);
+  const int cs = cluster_size(logits.size(0), logits.size(1), VEC, sizeof(T));
   if (cs > 0) {
     if (log) {
       launch_cluster<T, VEC, true>(logits, temp, temp_scalar, out, cs);
