@@ -28,3 +28,16 @@ def test_graph_equals_eager(device, batch, temperature):
         assert sum(r.replays for r in runners) > 0 and sum(r.captures for r in runners) > 0
     else:
         assert sum(r.replays for r in runners) == 0 and sum(r.eager_calls for r in runners) > 0
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_sampler_off_keeps_the_callers_generator(device, graphs):
+    """With the sampler flag off the step draws from torch's generator, which each generate() call
+    seeds afresh: the step must use that call's generator (so two calls agree), never a graph."""
+    engine = Engine(device=device)
+    with flags.override(sampler=False):
+        first, second = generate(engine, 3, 0.8, graphs), generate(engine, 3, 0.8, graphs)
+        reference = generate(Engine(device=device), 3, 0.8, False)
+    assert torch.equal(first["tokens"], second["tokens"])
+    assert torch.equal(first["tokens"], reference["tokens"])
+    assert sum(r.replays for r in engine.__dict__.get("_sample_graphs", {}).values()) == 0
