@@ -14,6 +14,15 @@ def test_op_bench_reports_every_cell_with_its_floor(capsys):
     assert all(c["floor_us"] > 0 and c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
 
 
+def test_op_bench_topk_variants_run(capsys):
+    """k = 1024 and unsorted top-k cells are on request; every implementation that exists gives a time."""
+    ops = ["topk_unsorted", "topk1024", "topk1024_unsorted"]
+    assert run(["bench", "--ops", *ops, "--batch", "2", "--vocab", "3000", "--reps", "2", "--json"]) == 0
+    cells = json.loads(capsys.readouterr().out)["cells"]
+    assert [c["op"] for c in cells] == ops
+    assert all(c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
+
+
 def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
     assert run(["bench", "--decode", "--batch", "2", "--vocab", "512", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["decode"]

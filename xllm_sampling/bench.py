@@ -20,6 +20,10 @@ from .logit_softmax import logit_softmax
 from .sampler import sample
 
 OPS = ("logit_softmax", "topk", "sampling", "beam_search")
+# Further top-k cells, on request (--ops): "topk" is k = 50 sorted.
+TOPK_VARIANTS = {"topk": (50, True), "topk_unsorted": (50, False), "topk1024": (1024, True),
+                 "topk1024_unsorted": (1024, False)}
+ALL_OPS = OPS + tuple(op for op in TOPK_VARIANTS if op not in OPS)
 NUM_BEAMS = 4
 
 
@@ -58,9 +62,10 @@ def _implementations(op: str, fi) -> dict[str, Callable | None]:
         fn = lambda x, t: logit_softmax(x, t)  # noqa: E731
         ref = fi and (lambda x, t: fi.sampling.softmax(x, t))
         return {"original": with_flag("logit_softmax", False, fn), "fast": with_flag("logit_softmax", True, fn), "flashinfer": ref}
-    if op == "topk":
-        fn = lambda x, t: air_topk_last_dim(x, 50)  # noqa: E731
-        ref = fi and (lambda x, t: fi.top_k(x, 50, sorted=True))
+    if op in TOPK_VARIANTS:
+        k, by_value = TOPK_VARIANTS[op]
+        fn = lambda x, t: air_topk_last_dim(x, min(k, x.shape[-1]), sorted_by_value=by_value)  # noqa: E731
+        ref = fi and (lambda x, t: fi.top_k(x, min(k, x.shape[-1]), sorted=by_value))
         return {"original": with_flag("air_topk", False, fn), "fast": with_flag("air_topk", True, fn), "flashinfer": ref}
     if op == "sampling":
         fn = lambda x, t: sample(x, temperature=t, top_k=50, top_p=0.9)  # noqa: E731

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=Path, help="use the target's flags file (.git/xllm_port/flags.toml)")
 
     p = sub.add_parser("bench", parents=[common], help="time each op: torch, fast path, FlashInfer")
-    p.add_argument("--ops", nargs="+", choices=bench.OPS, default=list(bench.OPS))
+    p.add_argument("--ops", nargs="+", choices=bench.ALL_OPS, default=list(bench.OPS),
+                   help="default: the four ops (topk: k = 50 sorted); also topk_unsorted, topk1024, topk1024_unsorted")
     p.add_argument("--batch", nargs="+", type=int, help="default: 1 16 64 256 on a GPU, 1 16 on CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="default: 32000 128256 151936 on a GPU, 32000 on CPU")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
