@@ -95,6 +95,16 @@ struct Key {
 
 __device__ __forceinline__ int64_t index_of(uint64_t key) { return static_cast<uint32_t>(~static_cast<uint32_t>(key)); }
 
+// Sum of v over the lanes >= lane of a full warp (a suffix scan).
+__device__ __forceinline__ int warp_suffix_sum(int v, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_down_sync(0xFFFFFFFFu, v, off);
+    if (lane + off < 32) v += o;
+  }
+  return v;
+}
+
 // The shared state of one block's selection.
 struct Selection {
   uint64_t* buf;         // capacity(k) keys
@@ -140,12 +150,7 @@ __device__ void cut_to_k(Selection& s, int k) {
       int h[8], sum = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum += (h[j] = s.hist[8 * lane + j]);
-      int suffix = sum;  // sum over lanes >= lane
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int v = __shfl_down_sync(0xFFFFFFFFu, suffix, off);
-        if (lane + off < 32) suffix += v;
-      }
+      const int suffix = warp_suffix_sum(sum, lane);
       int greater = suffix - sum;
 #pragma unroll
       for (int j = 7; j >= 0; --j) {
@@ -302,12 +307,7 @@ __device__ void seed_bound(Selection& s, int k, const Source& source) {
     const int lane = threadIdx.x;
     int sum = 0;
     for (int j = 0; j < kPerLane; ++j) sum += hist[lane * kPerLane + (j + lane) % kPerLane];  // rotated: no bank conflicts
-    int suffix = sum;  // sum over lanes >= lane
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_down_sync(0xFFFFFFFFu, suffix, off);
-      if (lane + off < 32) suffix += v;
-    }
+    const int suffix = warp_suffix_sum(sum, lane);
     int greater = suffix - sum;
     if (greater < k && k <= suffix) {
       int b = lane * kPerLane + kPerLane - 1;
