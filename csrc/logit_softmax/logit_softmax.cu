@@ -2,8 +2,8 @@
 //
 // Main path, one launch, logits read once: each row belongs to a thread-block cluster of
 // 1 to 16 blocks (Hopper). Each block copies its chunk of the row once into shared memory
-// (bulk copies when rows are 16-byte aligned, folding each piece into an online (max, sum of
-// exp) as it lands; element loads otherwise); the cluster combines the blocks' partials
+// (bulk copies when rows are 16-byte aligned, taking each piece's max as it lands; element
+// loads otherwise), then sums exp(z - max) over it; the cluster combines the blocks' (max, sum)
 // through distributed shared memory, and each block writes its chunk normalised from shared
 // memory. A small batch uses large clusters so that B = 1 spreads over 16 SMs; chunks of at
 // most 40 KB where the row allows leave room for several blocks per SM.
