@@ -218,3 +218,16 @@ def test_gate_fails_on_a_regression_against_the_previous_stored_run(fresh_target
     assert run(apply) == 0  # compared with the latest stored run (the slow one): no regression
     history = fresh_target / ".git" / "xllm_port" / "benchmarks" / "nvtx"
     assert len(list(history.rglob("*.json"))) == 3
+
+
+def test_the_drivers_test_tools_are_install_dependencies():
+    """`pip install -e .` alone (the README's quick start) must let `xllm-port demo` run each
+    step's parity test and benchmark gate, which are pytest and pytest-benchmark runs."""
+    import re
+    import tomllib
+
+    from xllm_sampling.paths import PROJECT_ROOT
+
+    deps = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in deps}
+    assert {"pytest", "pytest-benchmark"} <= names
