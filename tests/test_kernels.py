@@ -33,6 +33,27 @@ def test_softmax_matches_float64(batch, vocab, log):
         assert (out.double().sum(-1) - 1).abs().max().item() <= 1e-5
 
 
+def test_softmax_grid_barrier_is_reusable_across_shapes_and_graph_replays():
+    """Small batches take the grid path, whose row barriers live on between launches: many
+    launches of changing shapes, then replays of a captured graph, must each be right."""
+    shapes = [(1, 151936), (3, 100000), (1, 262144), (7, 65536), (2, 151936)]
+    inputs = [torch.randn(b, v, device="cuda") * 3 for b, v in shapes]
+    refs = [torch.softmax(x.double(), -1) for x in inputs]
+    for _ in range(20):
+        for x, ref in zip(inputs, refs):
+            assert (logit_softmax(x).double() - ref).abs().max().item() <= 1e-6
+    x = inputs[0].clone()
+    out = torch.empty_like(x)
+    logit_softmax(x, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logit_softmax(x, out=out)
+    for i in range(10):
+        x.copy_(inputs[4][i % 2:i % 2 + 1])  # new values, same buffer
+        graph.replay()
+        assert (out.double() - torch.softmax(x.double(), -1)).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_softmax_half_inputs_match_torch(dtype):
     logits = (torch.randn(5, 151936, device="cuda") * 3).to(dtype)
@@ -145,11 +166,16 @@ def test_topk_in_a_cuda_graph_survives_workspace_growth():
     assert torch.equal(graph_indices, stable_reference(small, 50)[1])
 
 
-def test_topk_many_calls_on_multi_tile_split_rows_stay_exact():
+def test_topk_many_calls_on_grid_and_split_rows_stay_exact():
     # The bench's sequence once exposed a block-wide race (a warp admitting keys while another
-    # still decided whether to cut the buffer): repeat calls over rows of several tiles.
-    for batch, vocab in ((16, 32000), (16, 128256), (64, 151936), (256, 151936)):
+    # still decided whether to cut the buffer). Interleave the grid path (small batches, whose
+    # histograms and barriers the workspace keeps between calls) with the split path over rows
+    # of several tiles, on one workspace.
+    cases = []
+    for batch, vocab, k in ((16, 32000, 50), (2, 151936, 50), (5, 100003, 1024), (16, 128256, 50),
+                            (64, 151936, 50), (1, 151936, 7), (256, 151936, 50)):
         x = torch.randn(batch, vocab, device="cuda") * 3
-        ref = stable_reference(x, 50)[1]
-        for _ in range(10):
-            assert torch.equal(air_topk_last_dim(x, 50)[1], ref), (batch, vocab)
+        cases.append((x, k, stable_reference(x, k)[1]))
+    for _ in range(10):
+        for x, k, ref in cases:
+            assert torch.equal(air_topk_last_dim(x, k)[1], ref), tuple(x.shape)

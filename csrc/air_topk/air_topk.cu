@@ -9,18 +9,21 @@
 // The keys are distinct, so "the k largest keys" is exactly torch.topk's set with ties broken
 // by the lower index, and sorting the winners by key gives torch.topk(sorted=True)'s order.
 //
-// One block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
+// Small batches whose rows fit one tile per block in one wave of the GPU take the grid path
+// (grid_topk_kernel, below): all of a row's blocks select together through a histogram in global
+// memory, so that no block works through the row or a merge alone. Otherwise:
+// one block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
 // and keeps every key at or above its admission bound in a shared-memory buffer. The first
 // tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); when the
 // buffer could overflow it is cut to its k largest keys by a radix select (8-bit digits from
 // the top, stopping as soon as the bucket holding the k-th key is taken whole) and the bound
 // rises to that cut. Warps test values against the bound as floats before making any key, so
 // after the first tile almost nothing is admitted and the pass runs at the speed of the loads.
-// Small batches split each row over `splits` blocks: each writes its k best keys and its
-// bound to the workspace, and the row's last block to finish (a ticket counter, reset by that
-// block) selects the final k from those splits * k keys, admitting only keys at or above the
-// highest of the splits' bounds. The workspace is zero when the kernel is
-// not running: the tickets sit at its start and each call leaves them at zero.
+// Other batches that leave the GPU idle split each row over `splits` blocks: each writes its k
+// best keys and its bound to the workspace, and the row's last block to finish (a ticket
+// counter, reset by that block) selects the final k from those splits * k keys, admitting only
+// keys at or above the highest of the splits' bounds. The workspace's counters and histograms
+// are zero when no kernel is running: each call leaves them so.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -28,6 +31,7 @@
 #include <torch/extension.h>
 
 #include "launch_helpers.cuh"
+#include "row_barrier.cuh"
 
 namespace {
 
@@ -39,8 +43,8 @@ constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger ba
 constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
 constexpr int64_t kMinChunk = 2048;         // a split block streams at least this many elements
 constexpr int kBlocksPerSm = 4;             // resident blocks per SM (launch bounds; shared memory allows 5 at k = 1024)
-constexpr int kSeedBits = 11;               // digit of the first tile's histogram (sign, exponent, 2 mantissa bits of fp32)
-constexpr int kSeedBuckets = 1 << kSeedBits;
+constexpr int kDigitBits = 11;              // wide digit: the first tile's histogram (sign, exponent, 2 mantissa bits
+constexpr int kBuckets = 1 << kDigitBits;   // of fp32) and the grid path's passes
 
 using xllm::round_up;
 
@@ -103,6 +107,23 @@ __device__ __forceinline__ int warp_suffix_sum(int v, int lane) {
     if (lane + off < 32) v += o;
   }
   return v;
+}
+
+// The bucket holding the remaining-th largest key of hist (warp 0 calls it): (bucket, keys in
+// buckets above it, keys in it) in the lane that found it, bucket -1 in the others.
+__device__ __forceinline__ int3 find_bucket(const int* hist, int remaining) {
+  constexpr int kPerLane = kBuckets / 32;
+  const int lane = threadIdx.x & 31;
+  int sum = 0;
+  for (int j = 0; j < kPerLane; ++j) sum += hist[lane * kPerLane + (j + lane) % kPerLane];  // rotated: no bank conflicts
+  const int suffix = warp_suffix_sum(sum, lane);
+  int greater = suffix - sum;
+  if (greater < remaining && remaining <= suffix) {  // exactly one lane
+    int b = lane * kPerLane + kPerLane - 1;
+    while (greater + hist[b] < remaining) greater += hist[b--];
+    return make_int3(b, greater, hist[b]);
+  }
+  return make_int3(-1, 0, 0);
 }
 
 // The shared state of one block's selection.
@@ -288,33 +309,24 @@ __device__ __forceinline__ void admit(Selection& s, const Source& source, uint64
   }
 }
 
-// Raise the bound from a histogram of the top kSeedBits of keys (a tile's worth, zero = no
+// Raise the bound from a histogram of the top kDigitBits of keys (a tile's worth, zero = no
 // key): the lowest bucket edge that at least k of them reach. With no selection yet this
 // replaces admitting the whole first tile and cutting it digit by digit.
 template <typename Source>
 __device__ void seed_bound(Selection& s, int k, const Source& source) {
   int* hist = reinterpret_cast<int*>(s.buf);  // the buffer is empty until the first admission
-  for (int b = threadIdx.x; b < kSeedBuckets; b += kThreads) hist[b] = 0;
+  for (int b = threadIdx.x; b < kBuckets; b += kThreads) hist[b] = 0;
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const uint64_t key = source.key(i);
-    if (key != 0) atomicAdd(&hist[key >> (64 - kSeedBits)], 1);
+    if (key != 0) atomicAdd(&hist[key >> (64 - kDigitBits)], 1);
   }
   __syncthreads();
   if (threadIdx.x < 32) {
-    constexpr int kPerLane = kSeedBuckets / 32;  // lane L sums buckets [L * kPerLane, (L + 1) * kPerLane)
-    const int lane = threadIdx.x;
-    int sum = 0;
-    for (int j = 0; j < kPerLane; ++j) sum += hist[lane * kPerLane + (j + lane) % kPerLane];  // rotated: no bank conflicts
-    const int suffix = warp_suffix_sum(sum, lane);
-    int greater = suffix - sum;
-    if (greater < k && k <= suffix) {
-      int b = lane * kPerLane + kPerLane - 1;
-      while (greater + hist[b] < k) greater += hist[b--];
-      const uint64_t edge = static_cast<uint64_t>(b) << (64 - kSeedBits);
-      if (edge > s.bound) s.bound = edge;
-    }
+    const int3 f = find_bucket(hist, k);
+    const uint64_t edge = static_cast<uint64_t>(f.x) << (64 - kDigitBits);
+    if (f.x >= 0 && edge > s.bound) s.bound = edge;
   }
   __syncthreads();
 }
@@ -355,18 +367,18 @@ __device__ void bitonic_descending(uint64_t* buf, int p, int threads, Sync sync)
   }
 }
 
-// Sort buf[0, k) by key, descending (over the next power of two, padded with zeros); up to
-// 64 keys one warp sorts them without block barriers.
-__device__ void sort_descending(Selection& s, int k) {
+// Sort buf[0, k) by key, descending (over the next power of two, padded with zeros, which buf
+// must have room for); up to 64 keys one warp sorts them without block barriers.
+__device__ void sort_descending(uint64_t* buf, int k) {
   int p = 1;
   while (p < k) p <<= 1;
-  for (int i = k + threadIdx.x; i < p; i += kThreads) s.buf[i] = 0;
+  for (int i = k + threadIdx.x; i < p; i += kThreads) buf[i] = 0;
   __syncthreads();
   if (p <= 64) {
-    if (threadIdx.x < 32) bitonic_descending(s.buf, p, 32, [] { __syncwarp(); });
+    if (threadIdx.x < 32) bitonic_descending(buf, p, 32, [] { __syncwarp(); });
     __syncthreads();
   } else {
-    bitonic_descending(s.buf, p, kThreads, [] { __syncthreads(); });
+    bitonic_descending(buf, p, kThreads, [] { __syncthreads(); });
   }
 }
 
@@ -425,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     stream(s, k, partial);
     if (s.count > k) cut_to_k(s, k);
   }
-  if (a.sorted) sort_descending(s, k);
+  if (a.sorted) sort_descending(s.buf, k);
   for (int i = threadIdx.x; i < k; i += kThreads) {
     const int64_t index = index_of(s.buf[i]);
     values[row * k + i] = xr[index];
@@ -433,24 +445,185 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
   }
 }
 
+// -- Small batches: the whole row at once over the whole GPU --------------------------------
+//
+// Each block holds one tile of the row in registers as keys; all of the row's blocks (every
+// block resident: cooperative launch) run the radix select together, digit by digit from the
+// top (11-bit digits over the value bits, then over the index bits, which only ties reach):
+// each block counts its keys of the surviving prefix in shared memory and adds the counts to the
+// row's histogram in global memory, the row's blocks meet at a barrier, and each reads the
+// histogram and finds the bucket holding the k-th key. As soon as that bucket is taken whole,
+// the k keys at or above the prefix are the answer: each block appends its own to the row's
+// list, and the last block to finish sorts the list and writes the outputs.
+
+constexpr int kGridRows = 32;               // the grid path takes batches up to this
+constexpr int kHistograms = 3;              // passes rotate over three: one filling, one read, one zeroed
+
+// A row's scratch in the workspace; zero between calls (the last block leaves it so).
+struct GridRow {
+  unsigned barrier;
+  int winners;
+  unsigned ticket;
+  unsigned pad;
+  int hist[kHistograms][kBuckets];
+};
+
+constexpr int64_t kGridBytes = kGridRows * (sizeof(GridRow) + kMaxK * sizeof(uint64_t));
+
+struct GridArgs {
+  int64_t vocab, chunk;  // chunk <= kTile: one tile per block
+  int k;
+  uint64_t flip;
+  bool sorted;
+  GridRow* rows;          // batch
+  uint64_t* winners;      // batch * k keys
+  int64_t* indices;       // batch * k
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const T* __restrict__ x, T* __restrict__ values,
+                                                                           GridArgs a) {
+  __shared__ int hist[kBuckets];
+  __shared__ uint64_t winners[kMaxK];
+  __shared__ int3 found;
+  __shared__ bool last;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int64_t row = blockIdx.y;
+  GridRow& g = a.rows[row];
+  const T* xr = x + row * a.vocab;
+  const int64_t begin = blockIdx.x * a.chunk, end = min(begin + a.chunk, a.vocab);
+  uint64_t keys[kItems];  // 0: no element
+  {
+    Tile<T, VEC> tile;
+    tile.load(xr, begin, end);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int u = i / VEC, j = i % VEC;
+      const int64_t at = begin + (static_cast<int64_t>(u) * kThreads + tid) * VEC + j;
+      keys[i] = at < end ? Key<T>::make(tile.v[u][j], at, a.flip) : 0;
+    }
+  }
+  uint64_t prefix = 0, mask = 0;  // the bits of the k-th key found so far
+  int remaining = a.k;            // of the k, how many have the prefix
+  for (int pass = 0, hi = 64;; ++pass) {
+    const int lo = hi > 32 ? max(hi - kDigitBits, 64 - Key<T>::kValueBits) : max(hi - kDigitBits, 0);
+    const uint64_t digit = (1ull << (hi - lo)) - 1;
+    int* row_hist = g.hist[pass % kHistograms];
+    for (int b = tid; b < kBuckets; b += kThreads) hist[b] = 0;
+    if (pass >= 2 && blockIdx.x == 0) {  // every block read that one before the last barrier
+      for (int b = tid; b < kBuckets; b += kThreads) g.hist[(pass + 1) % kHistograms][b] = 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool in = keys[i] != 0 && (keys[i] & mask) == prefix;
+      const int bucket = in ? static_cast<int>((keys[i] >> lo) & digit) : kBuckets;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bucket);
+      if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bucket], __popc(peers));
+    }
+    __syncthreads();
+    for (int b = tid; b < kBuckets; b += kThreads) {
+      if (hist[b] != 0) atomicAdd(&row_hist[b], hist[b]);
+    }
+    __syncthreads();
+    if (tid == 0) xllm::row_barrier(&g.barrier, gridDim.x, blockIdx.x == 0);
+    __syncthreads();
+    for (int b = tid; b < kBuckets; b += kThreads) hist[b] = __ldcg(row_hist + b);
+    __syncthreads();
+    if (tid < 32) {
+      const int3 f = find_bucket(hist, remaining);
+      if (f.x >= 0) found = f;
+    }
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(found.x) << lo;
+    mask |= digit << lo;
+    remaining -= found.y;
+    const bool whole = found.z == remaining;
+    __syncthreads();  // everyone has read `found` and `hist` before the next pass rewrites them
+    if (whole) break;  // keys are distinct, so at the latest the last digit leaves one key
+    hi = lo == 64 - Key<T>::kValueBits ? 32 : lo;
+  }
+  // The k keys >= prefix (its low bits are zero) are the answer.
+  uint64_t* row_winners = a.winners + row * a.k;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) append(row_winners, &g.winners, keys[i], keys[i] != 0 && keys[i] >= prefix);
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&g.ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = tid; i < a.k; i += kThreads) winners[i] = __ldcg(reinterpret_cast<const unsigned long long*>(row_winners + i));
+  __syncthreads();
+  if (a.sorted) sort_descending(winners, a.k);
+  for (int i = tid; i < a.k; i += kThreads) {
+    const int64_t index = index_of(winners[i]);
+    values[row * a.k + i] = xr[index];
+    a.indices[row * a.k + i] = index;
+  }
+  // Every block is past every barrier and has appended: leave the row's scratch zero.
+  for (int b = tid; b < kHistograms * kBuckets; b += kThreads) (&g.hist[0][0])[b] = 0;
+  if (tid == 0) {
+    g.barrier = 0;
+    g.winners = 0;
+    g.ticket = 0;
+  }
+}
+
 size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + k) * sizeof(uint64_t); }
 
 struct Plan {
+  bool grid;              // the grid path: every block of the batch resident, one tile each
   int64_t splits, chunk;  // blocks per row, elements per block (a multiple of every vector width)
 };
 
-// Blocks per row: as many as run at once on the GPU (one wave), each streaming at least
-// kMinChunk elements and at least 4 k, so that merging splits * k keys stays cheaper than the row.
+// The grid path when the whole batch fits one tile per block in one wave; else blocks per row
+// as many as run at once on the GPU (one wave), each streaming at least kMinChunk elements and
+// at least 4 k, so that merging splits * k keys stays cheaper than the row.
 Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
+  const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int64_t tiles = (vocab + kTile - 1) / kTile;
+  if (tiles > 1 && batch <= kGridRows && batch * tiles <= kBlocksPerSm * sms) {
+    const int64_t chunk = round_up((vocab + tiles - 1) / tiles, 16);  // <= kTile
+    return {true, (vocab + chunk - 1) / chunk, chunk};
+  }
   int64_t splits = 1;
   if (batch <= kMaxTicketRows) {
-    const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
     const int64_t by_gpu = kBlocksPerSm * sms / batch;
     const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
     splits = std::max<int64_t>(1, std::min(by_gpu, by_size));
   }
   const int64_t chunk = round_up((vocab + splits - 1) / splits, 16);
-  return {(vocab + chunk - 1) / chunk, chunk};  // rounding the chunk up may leave fewer blocks
+  return {false, (vocab + chunk - 1) / chunk, chunk};  // rounding the chunk up may leave fewer blocks
+}
+
+// Workspace layout: the grid path's rows and winners (kGridBytes), the split path's tickets
+// (kTicketBytes), then its partial keys and bounds. The first two are zero between calls.
+template <typename T, int VEC>
+void launch_grid(const torch::Tensor& x, int64_t k, bool largest, bool sorted, const Plan& p,
+                 torch::Tensor& workspace, torch::Tensor& values, torch::Tensor& indices) {
+  GridArgs a{};
+  a.vocab = x.size(1);
+  a.chunk = p.chunk;
+  a.k = static_cast<int>(k);
+  a.flip = largest ? 0 : ~0ull;
+  a.sorted = sorted;
+  a.rows = static_cast<GridRow*>(workspace.data_ptr());
+  a.winners = reinterpret_cast<uint64_t*>(a.rows + kGridRows);
+  a.indices = indices.data_ptr<int64_t>();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.splits), static_cast<unsigned>(x.size(0)));
+  config.blockDim = dim3(kThreads);
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;  // all blocks resident: the row barrier relies on it
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, grid_topk_kernel<T, VEC>, reinterpret_cast<const T*>(x.data_ptr()),
+                                    reinterpret_cast<T*>(values.data_ptr()), a));
 }
 
 template <typename T, int VEC>
@@ -458,6 +631,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
             torch::Tensor& values, torch::Tensor& indices) {
   const int64_t batch = x.size(0), vocab = x.size(1);
   const Plan p = plan(batch, vocab, k, x.get_device());
+  if (p.grid) return launch_grid<T, VEC>(x, k, largest, sorted, p, workspace, values, indices);
   const int64_t splits = p.splits;
   Args a{};
   a.vocab = vocab;
@@ -468,7 +642,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
   a.sorted = sorted;
   a.indices = indices.data_ptr<int64_t>();
   if (splits > 1) {
-    auto* base = static_cast<unsigned char*>(workspace.data_ptr());
+    auto* base = static_cast<unsigned char*>(workspace.data_ptr()) + kGridBytes;
     a.tickets = reinterpret_cast<unsigned int*>(base);
     a.partial = reinterpret_cast<uint64_t*>(base + kTicketBytes);
     a.bounds = a.partial + batch * splits * k;
@@ -497,8 +671,9 @@ void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, 
 
 // Bytes of workspace one call with this shape needs on `device` (0: none).
 int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
-  const int64_t splits = plan(batch, vocab, k, static_cast<int>(device)).splits;
-  return splits > 1 ? kTicketBytes + batch * splits * (k + 1) * static_cast<int64_t>(sizeof(uint64_t)) : 0;
+  const Plan p = plan(batch, vocab, k, static_cast<int>(device));
+  if (p.grid) return kGridBytes;
+  return p.splits > 1 ? kGridBytes + kTicketBytes + batch * p.splits * (k + 1) * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
 
 void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<torch::Tensor> workspace,

@@ -1,12 +1,14 @@
 // Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
 //
-// Main path, one launch, logits read once: each row belongs to a thread-block cluster of
-// 1 to 16 blocks (Hopper). Each block copies its chunk of the row once into shared memory
-// (bulk copies when rows are 16-byte aligned, taking each piece's max as it lands; element
-// loads otherwise), then sums exp(z - max) over it; the cluster combines the blocks' (max, sum)
-// through distributed shared memory, and each block writes its chunk normalised from shared
-// memory. A small batch uses large clusters so that B = 1 spreads over 16 SMs; chunks of at
-// most 40 KB where the row allows leave room for several blocks per SM.
+// Main paths, one launch, logits read once: each block copies its chunk of a row once into
+// shared memory (bulk copies when rows are 16-byte aligned, taking each piece's max as it lands;
+// element loads otherwise), then sums exp(z - max) over it; the row's blocks combine their
+// (max, sum), and each block writes its chunk normalised from shared memory.
+//   - Small batches (a row wants more than 16 blocks): the whole GPU, every block resident
+//     (cooperative launch); the blocks of a row meet at a barrier in global memory.
+//   - Otherwise a thread-block cluster of 1 to 16 blocks per row (Hopper) combines through
+//     distributed shared memory; chunks of at most 40 KB where the row allows leave room for
+//     several blocks per SM.
 //
 // Rows too long for 16 blocks' shared memory take two launches over (batch, splits) blocks:
 //   1. partial_stats: online (max, sum of exp) of its chunk;
@@ -20,6 +22,7 @@
 #include <torch/extension.h>
 
 #include "launch_helpers.cuh"
+#include "row_barrier.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -30,6 +33,9 @@ constexpr int kMaxCluster = 16;                   // non-portable cluster size, 
 constexpr int64_t kChunkBytes = 40 * 1024;        // shared memory per block where rows allow: five blocks per SM
 constexpr int kMaxChunkBytes = 100 * 1024;        // the most one block caches (two blocks per SM)
 constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer than this (elements)
+constexpr int kGridThreads = 512;                 // grid path: two blocks of 512 threads per SM
+constexpr int kGridBlocksPerSm = 2;
+constexpr int64_t kGridMinChunk = 2048;           // grid path: elements per block at least
 
 struct Stats {
   float m;  // running max
@@ -199,25 +205,13 @@ __device__ __forceinline__ void for_each_vector(int n, int piece, Arrive arrive,
   }
 }
 
-// One cluster per row; each block caches its chunk of the row in shared memory as the logits'
-// own type. BULK: the chunk arrives through kPieces bulk copies (rows 16-byte aligned and a
-// whole number of 16-byte vectors), and the block takes each piece's max as soon as it lands;
-// otherwise the threads copy it element by element. Each thread then sums exp(z - its max)
-// over the same elements (no data-dependent branch), and the block and the cluster combine.
-template <typename T, int VEC, bool LOG, bool BULK, int THREADS>
-__global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
-                                                          float temp_scalar, float* __restrict__ out, int64_t vocab,
-                                                          int64_t chunk) {
-  extern __shared__ __align__(128) unsigned char cache_bytes[];
-  T* cache = reinterpret_cast<T*>(cache_bytes);
-  __shared__ Stats block_stats, row_stats;
-  __shared__ uint64_t arrived[kPieces];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int64_t row = blockIdx.y;
-  const float t = row_temperature(temp, temp_scalar, row);
-  const int64_t begin = static_cast<int64_t>(cluster.block_rank()) * chunk;
-  const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
-  const T* x = logits + row * vocab + begin;
+// A block's share of one row: its chunk, cached in shared memory as the logits' own type.
+// BULK: the chunk arrives through kPieces bulk copies (rows 16-byte aligned and a whole number
+// of 16-byte vectors), and the block takes each piece's max as soon as it lands; otherwise the
+// threads copy it element by element. Each thread then sums exp(z - its max) over the same
+// elements (no data-dependent branch). Returns the block's (max, sum) of z = x / t.
+template <typename T, int VEC, bool BULK, int THREADS>
+__device__ Stats cache_chunk(const T* __restrict__ x, int n, float t, T* cache, uint64_t* arrived) {
   // Piece p is [p * piece, min((p + 1) * piece, n)); piece is a whole number of vectors.
   const int piece = BULK ? static_cast<int>(round_up((n + kPieces - 1) / kPieces, VEC)) : n;
   float m = -INFINITY;  // of the raw logits: max(x / t) = max(x) / t, division being monotonic
@@ -253,22 +247,13 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
       for (int j = 0; j < VEC; ++j) st.s += expf(to_float(v.v[j]) / t - st.m);  // NaN stays NaN
     });
   }
-  st = block_reduce<THREADS>(st);
-  if (threadIdx.x == 0) block_stats = st;
-  cluster.sync();
-  if (threadIdx.x < 32) {
-    const unsigned lane = threadIdx.x;
-    Stats v = lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f};
-    for (int off = 16; off > 0; off >>= 1) {
-      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-      v = combine(v, o);
-    }
-    if (lane == 0) row_stats = v;
-  }
-  cluster.sync();  // every block's stats were read before any block moves on (and may exit)
-  const Stats total = row_stats;
+  return block_reduce<THREADS>(st);
+}
+
+// Writes the cached chunk of n elements normalised by the row's (max, sum) to y.
+template <typename T, int VEC, bool LOG, int THREADS>
+__device__ __forceinline__ void write_chunk(const T* cache, int n, float t, Stats total, float* __restrict__ y) {
   const float log_sum = logf(total.s), inv_sum = 1.f / total.s;
-  float* y = out + row * vocab + begin;
 #pragma unroll 4
   for (int i = threadIdx.x * VEC; i < n; i += THREADS * VEC) {
     const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
@@ -282,17 +267,129 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
   }
 }
 
+// One cluster per row: the blocks combine their (max, sum) through distributed shared memory.
+template <typename T, int VEC, bool LOG, bool BULK, int THREADS>
+__global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                          float temp_scalar, float* __restrict__ out, int64_t vocab,
+                                                          int64_t chunk) {
+  extern __shared__ __align__(128) unsigned char cache_bytes[];
+  T* cache = reinterpret_cast<T*>(cache_bytes);
+  __shared__ Stats block_stats, row_stats;
+  __shared__ uint64_t arrived[kPieces];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int64_t row = blockIdx.y;
+  const float t = row_temperature(temp, temp_scalar, row);
+  const int64_t begin = static_cast<int64_t>(cluster.block_rank()) * chunk;
+  const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
+  const Stats st = cache_chunk<T, VEC, BULK, THREADS>(logits + row * vocab + begin, n, t, cache, arrived);
+  if (threadIdx.x == 0) block_stats = st;
+  cluster.sync();
+  if (threadIdx.x < 32) {
+    const unsigned lane = threadIdx.x;
+    Stats v = lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f};
+    for (int off = 16; off > 0; off >>= 1) {
+      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
+      v = combine(v, o);
+    }
+    if (lane == 0) row_stats = v;
+  }
+  cluster.sync();  // every block's stats were read before any block moves on (and may exit)
+  write_chunk<T, VEC, LOG, THREADS>(cache, n, t, row_stats, out + row * vocab + begin);
+}
+
+// Small batches over the whole GPU: each row is split over gridDim.x blocks (more than a
+// cluster holds), all resident at once (cooperative launch). Each block publishes its
+// (max, sum) in global memory, waits at the row's barrier, and combines all of the row's.
+template <typename T, int VEC, bool LOG, bool BULK>
+__global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
+                                                                float temp_scalar, float* __restrict__ out, int64_t vocab,
+                                                                int64_t chunk, float2* __restrict__ partials,
+                                                                unsigned* __restrict__ counters) {
+  extern __shared__ __align__(128) unsigned char cache_bytes[];
+  T* cache = reinterpret_cast<T*>(cache_bytes);
+  __shared__ uint64_t arrived[kPieces];
+  const int64_t row = blockIdx.y;
+  const float t = row_temperature(temp, temp_scalar, row);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
+  const Stats st = cache_chunk<T, VEC, BULK, kGridThreads>(logits + row * vocab + begin, n, t, cache, arrived);
+  float2* row_partials = partials + row * gridDim.x;
+  if (threadIdx.x == 0) {
+    row_partials[blockIdx.x] = make_float2(st.m, st.s);
+    xllm::row_barrier(counters + row, gridDim.x, blockIdx.x == 0);
+  }
+  __syncthreads();
+  Stats v{-INFINITY, 0.f};
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += kGridThreads) {
+    const float2 p = __ldcg(row_partials + i);  // from L2: other SMs wrote them
+    v = combine(v, Stats{p.x, p.y});
+  }
+  write_chunk<T, VEC, LOG, kGridThreads>(cache, n, t, block_reduce<kGridThreads>(v), out + row * vocab + begin);
+}
+
 // Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
 // the fewest whose chunk fits kChunkBytes (kMaxChunkBytes at 16 blocks), doubled while the
 // batch leaves SMs idle.
-int cluster_size(int64_t batch, int64_t vocab, int vec, int64_t elem_bytes) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+int cluster_size(int sms, int64_t batch, int64_t vocab, int vec, int64_t elem_bytes) {
   auto chunk_bytes = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec) * elem_bytes; };
   int cs = 1;
   while (cs < kMaxCluster && chunk_bytes(cs) > kChunkBytes) cs *= 2;
   if (chunk_bytes(cs) > kMaxChunkBytes || batch > 65535) return 0;
   while (cs < kMaxCluster && batch * cs < sms && chunk_bytes(2 * cs) >= kMinClusterChunk * elem_bytes) cs *= 2;
   return cs;
+}
+
+// Elements per block for grid_softmax, 0 when the batch is better served by clusters: the
+// grid path is for rows that want more blocks than a cluster holds (all of the batch's
+// blocks resident at once, at least kGridMinChunk elements each).
+int64_t grid_chunk(int sms, int64_t batch, int64_t vocab, int vec, int64_t elem_bytes) {
+  const int64_t by_gpu = kGridBlocksPerSm * sms / batch;
+  const int64_t by_work = (vocab + kGridMinChunk - 1) / kGridMinChunk;
+  const int64_t splits = std::min(by_gpu, by_work);
+  if (splits <= kMaxCluster) return 0;
+  const int64_t chunk = round_up((vocab + splits - 1) / splits, vec);
+  return chunk * elem_bytes <= kMaxChunkBytes ? chunk : 0;
+}
+
+// The grid path's scratch on each device, made once: a (max, sum) slot per block and a
+// barrier counter per row (zeroed once; the barrier leaves them as it found them).
+struct GridScratch {
+  float2* partials;
+  unsigned* counters;
+};
+
+GridScratch grid_scratch(int device, int sms) {
+  static GridScratch scratch[64];
+  static std::once_flag once[64];
+  std::call_once(once[device], [&] {
+    const size_t blocks = static_cast<size_t>(kGridBlocksPerSm) * sms;
+    C10_CUDA_CHECK(cudaMalloc(&scratch[device].partials, blocks * sizeof(float2)));
+    C10_CUDA_CHECK(cudaMalloc(&scratch[device].counters, blocks * sizeof(unsigned)));
+    C10_CUDA_CHECK(cudaMemset(scratch[device].counters, 0, blocks * sizeof(unsigned)));
+  });
+  return scratch[device];
+}
+
+template <typename T, int VEC, bool LOG>
+void launch_grid(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int sms,
+                 int64_t chunk) {
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int device = logits.get_device();
+  constexpr auto kernel = grid_softmax<T, VEC, LOG, (VEC > 1)>;
+  xllm::configure_once<kernel>(device, kMaxChunkBytes);
+  const GridScratch scratch = grid_scratch(device, sms);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((vocab + chunk - 1) / chunk), static_cast<unsigned>(batch));
+  config.blockDim = dim3(kGridThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(chunk) * sizeof(T);
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;  // all blocks resident: the row barrier relies on it
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar,
+                                    out.data_ptr<float>(), vocab, chunk, scratch.partials, scratch.counters));
 }
 
 template <typename T, int VEC, bool LOG, int THREADS>
@@ -320,8 +417,8 @@ void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_s
 // Threads per cluster block: 512 while the grid is smaller than the GPU (latency-bound rows
 // get more hands each), else 256 so that more blocks share an SM.
 template <typename T, int VEC, bool LOG>
-void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int cs) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int sms,
+                    int cs) {
   if (logits.size(0) * cs <= sms) {
     launch_cluster<T, VEC, LOG, 512>(logits, temp, temp_scalar, out, cs);
   } else {
@@ -331,17 +428,24 @@ void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_s
 
 template <typename T, int VEC>
 void launch(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
-  const int cs = cluster_size(logits.size(0), logits.size(1), VEC, sizeof(T));
-  if (cs > 0) {
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (const int64_t chunk = grid_chunk(sms, batch, vocab, VEC, sizeof(T)); chunk > 0) {
     if (log) {
-      launch_cluster<T, VEC, true>(logits, temp, temp_scalar, out, cs);
+      launch_grid<T, VEC, true>(logits, temp, temp_scalar, out, sms, chunk);
     } else {
-      launch_cluster<T, VEC, false>(logits, temp, temp_scalar, out, cs);
+      launch_grid<T, VEC, false>(logits, temp, temp_scalar, out, sms, chunk);
     }
     return;
   }
-  const int64_t batch = logits.size(0), vocab = logits.size(1);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (const int cs = cluster_size(sms, batch, vocab, VEC, sizeof(T)); cs > 0) {
+    if (log) {
+      launch_cluster<T, VEC, true>(logits, temp, temp_scalar, out, sms, cs);
+    } else {
+      launch_cluster<T, VEC, false>(logits, temp, temp_scalar, out, sms, cs);
+    }
+    return;
+  }
   // Enough blocks for ~4 per SM, but at least 4 vector loads per thread in each chunk.
   const int64_t by_gpu = (4 * sms + batch - 1) / batch;
   const int64_t by_work = (vocab + kThreads * VEC * 4 - 1) / (kThreads * VEC * 4);
