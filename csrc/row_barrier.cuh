@@ -4,15 +4,16 @@
 
 namespace xllm {
 
-// Thread 0 of each of the row's `blocks` blocks calls this; it returns once all have arrived.
+// Thread 0 of each of the row's `blocks` blocks calls this (after a __syncthreads, so that its
+// release covers the whole block's writes); it returns once all have arrived.
 // The leader adds 2^31 - (blocks - 1), the others 1: together 2^31, so the top bit of the
 // counter flips once every block has arrived and its low bits come back to where they were.
 // The counter needs no reset between launches (CUDA graph replays included). Writes made
 // before the call are visible to every block after it.
 __device__ __forceinline__ void row_barrier(unsigned* counter, unsigned blocks, bool leader) {
-  __threadfence();
-  const unsigned old = atomicAdd(counter, leader ? 0x80000000u - (blocks - 1) : 1u);
-  unsigned now;
+  const unsigned add = leader ? 0x80000000u - (blocks - 1) : 1u;
+  unsigned old, now;
+  asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(add) : "memory");
   do {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
   } while (((old ^ now) & 0x80000000u) == 0);

@@ -92,8 +92,24 @@ struct Key {
   // A cheap pre-test on values: with sign = -1 for largest=false, else 1, every x whose key
   // reaches `bound` (NaN included) has !(x * sign < threshold(bound) * sign).
   static __device__ __forceinline__ float threshold(uint64_t bound, uint64_t flip) {
-    const uint32_t ordered = static_cast<uint32_t>((bound >> (64 - kValueBits)) ^ flip) & kMask;
-    return float_of_bits((ordered & kTop) ? ordered ^ kTop : ~ordered & kMask, T{});
+    return float_of_bits(value_bits_of(bound, flip), T{});
+  }
+
+  // The bits of the value a key was made from (NaN: a NaN, not necessarily the same one).
+  static __device__ __forceinline__ uint32_t value_bits_of(uint64_t key, uint64_t flip) {
+    const uint32_t ordered = static_cast<uint32_t>((key >> (64 - kValueBits)) ^ flip) & kMask;
+    return (ordered & kTop) ? ordered ^ kTop : ~ordered & kMask;
+  }
+  static __device__ __forceinline__ T value_of(uint64_t key, uint64_t flip) {
+    const uint32_t bits = value_bits_of(key, flip);
+    if constexpr (kValueBits == 32) {
+      return __uint_as_float(bits);
+    } else {
+      T v;
+      const unsigned short b = static_cast<unsigned short>(bits);
+      memcpy(&v, &b, sizeof(v));
+      return v;
+    }
   }
 };
 
@@ -480,12 +496,50 @@ struct GridArgs {
   int64_t* indices;       // batch * k
 };
 
+// The whole block: the bucket of the row's histogram (kBuckets counts in global memory, each
+// thread reading its kBuckets / kThreads) holding the remaining-th largest key, as (bucket,
+// keys in buckets above it, keys in it).
+__device__ int3 find_bucket_in_block(const int* __restrict__ row_hist, int remaining) {
+  constexpr int kPer = kBuckets / kThreads;
+  __shared__ int warp_total[kThreads / 32];
+  __shared__ int3 found;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+  int h[kPer], sum = 0;
+#pragma unroll
+  for (int q = 0; q < kPer / 4; ++q) {
+    const int4 v = __ldcg(reinterpret_cast<const int4*>(row_hist) + tid * (kPer / 4) + q);
+    h[4 * q] = v.x, h[4 * q + 1] = v.y, h[4 * q + 2] = v.z, h[4 * q + 3] = v.w;
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) sum += h[j];
+  int suffix = warp_suffix_sum(sum, lane);  // keys in buckets >= this thread's first, within the warp
+  if (lane == 0) warp_total[warp] = suffix;
+  __syncthreads();
+  for (int w = warp + 1; w < kThreads / 32; ++w) suffix += warp_total[w];
+  int greater = suffix - sum;
+  if (greater < remaining && remaining <= suffix) {  // exactly one thread
+    bool done = false;
+#pragma unroll
+    for (int j = kPer - 1; j >= 0; --j) {
+      if (!done && greater + h[j] >= remaining) {
+        found = make_int3(tid * kPer + j, greater, h[j]);
+        done = true;
+      } else if (!done) {
+        greater += h[j];
+      }
+    }
+  }
+  __syncthreads();
+  const int3 f = found;
+  __syncthreads();  // everyone has read `found` and `warp_total` before a next call rewrites them
+  return f;
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const T* __restrict__ x, T* __restrict__ values,
                                                                            GridArgs a) {
   __shared__ int hist[kBuckets];
   __shared__ uint64_t winners[kMaxK];
-  __shared__ int3 found;
   __shared__ bool last;
   const int tid = threadIdx.x, lane = tid & 31;
   const int64_t row = blockIdx.y;
@@ -528,19 +582,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
     __syncthreads();
     if (tid == 0) xllm::row_barrier(&g.barrier, gridDim.x, blockIdx.x == 0);
     __syncthreads();
-    for (int b = tid; b < kBuckets; b += kThreads) hist[b] = __ldcg(row_hist + b);
-    __syncthreads();
-    if (tid < 32) {
-      const int3 f = find_bucket(hist, remaining);
-      if (f.x >= 0) found = f;
-    }
-    __syncthreads();
+    const int3 found = find_bucket_in_block(row_hist, remaining);
     prefix |= static_cast<uint64_t>(found.x) << lo;
     mask |= digit << lo;
     remaining -= found.y;
-    const bool whole = found.z == remaining;
-    __syncthreads();  // everyone has read `found` and `hist` before the next pass rewrites them
-    if (whole) break;  // keys are distinct, so at the latest the last digit leaves one key
+    if (found.z == remaining) break;  // keys are distinct, so at the latest the last digit leaves one key
     hi = lo == 64 - Key<T>::kValueBits ? 32 : lo;
   }
   // The k keys >= prefix (its low bits are zero) are the answer.
@@ -549,19 +595,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   for (int i = 0; i < kItems; ++i) append(row_winners, &g.winners, keys[i], keys[i] != 0 && keys[i] >= prefix);
   __syncthreads();
   if (tid == 0) {
-    __threadfence();
-    last = atomicAdd(&g.ticket, 1u) == gridDim.x - 1;
+    unsigned ticket;
+    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(ticket) : "l"(&g.ticket) : "memory");
+    last = ticket == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
-  __threadfence();
   for (int i = tid; i < a.k; i += kThreads) winners[i] = __ldcg(reinterpret_cast<const unsigned long long*>(row_winners + i));
   __syncthreads();
   if (a.sorted) sort_descending(winners, a.k);
   for (int i = tid; i < a.k; i += kThreads) {
-    const int64_t index = index_of(winners[i]);
-    values[row * a.k + i] = xr[index];
-    a.indices[row * a.k + i] = index;
+    values[row * a.k + i] = Key<T>::value_of(winners[i], a.flip);
+    a.indices[row * a.k + i] = index_of(winners[i]);
   }
   // Every block is past every barrier and has appended: leave the row's scratch zero.
   for (int b = tid; b < kHistograms * kBuckets; b += kThreads) (&g.hist[0][0])[b] = 0;

@@ -33,7 +33,7 @@ constexpr int kMaxCluster = 16;                   // non-portable cluster size, 
 constexpr int64_t kChunkBytes = 40 * 1024;        // shared memory per block where rows allow: five blocks per SM
 constexpr int kMaxChunkBytes = 100 * 1024;        // the most one block caches (two blocks per SM)
 constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer than this (elements)
-constexpr int kGridThreads = 512;                 // grid path: two blocks of 512 threads per SM
+constexpr int kGridThreads = 256;                 // grid path: up to two blocks of 256 threads per SM
 constexpr int kGridBlocksPerSm = 2;
 constexpr int64_t kGridMinChunk = 2048;           // grid path: elements per block at least
 
