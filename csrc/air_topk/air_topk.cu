@@ -474,6 +474,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
 
 constexpr int kGridRows = 32;               // the grid path takes batches up to this
 constexpr int kHistograms = 3;              // passes rotate over three: one filling, one read, one zeroed
+constexpr int kRankSortMaxK = 256;          // sorted output by ranks up to this k (one key a thread)
 
 // A row's scratch in the workspace; zero between calls (the last block leaves it so).
 struct GridRow {
@@ -603,10 +604,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   if (!last) return;
   for (int i = tid; i < a.k; i += kThreads) winners[i] = __ldcg(reinterpret_cast<const unsigned long long*>(row_winners + i));
   __syncthreads();
-  if (a.sorted) sort_descending(winners, a.k);
+  // Sorted, up to kRankSortMaxK keys: each key's place is the number of keys above it (distinct
+  // keys: a permutation), with no sorting passes; more keys: a bitonic sort in place.
+  const bool rank_sort = a.sorted && a.k <= kRankSortMaxK;
+  if (a.sorted && !rank_sort) sort_descending(winners, a.k);
   for (int i = tid; i < a.k; i += kThreads) {
-    values[row * a.k + i] = Key<T>::value_of(winners[i], a.flip);
-    a.indices[row * a.k + i] = index_of(winners[i]);
+    const uint64_t key = winners[i];
+    int place = i;
+    if (rank_sort) {
+      place = 0;
+#pragma unroll 8
+      for (int j = 0; j < a.k; ++j) place += winners[j] > key;
+    }
+    values[row * a.k + place] = Key<T>::value_of(key, a.flip);
+    a.indices[row * a.k + place] = index_of(key);
   }
   // Every block is past every barrier and has appended: leave the row's scratch zero.
   for (int b = tid; b < kHistograms * kBuckets; b += kThreads) (&g.hist[0][0])[b] = 0;
