@@ -125,21 +125,45 @@ __device__ __forceinline__ int warp_suffix_sum(int v, int lane) {
   return v;
 }
 
-// The bucket holding the remaining-th largest key of hist (warp 0 calls it): (bucket, keys in
-// buckets above it, keys in it) in the lane that found it, bucket -1 in the others.
-__device__ __forceinline__ int3 find_bucket(const int* hist, int remaining) {
-  constexpr int kPerLane = kBuckets / 32;
-  const int lane = threadIdx.x & 31;
-  int sum = 0;
-  for (int j = 0; j < kPerLane; ++j) sum += hist[lane * kPerLane + (j + lane) % kPerLane];  // rotated: no bank conflicts
-  const int suffix = warp_suffix_sum(sum, lane);
-  int greater = suffix - sum;
-  if (greater < remaining && remaining <= suffix) {  // exactly one lane
-    int b = lane * kPerLane + kPerLane - 1;
-    while (greater + hist[b] < remaining) greater += hist[b--];
-    return make_int3(b, greater, hist[b]);
+// The whole block: the bucket of a kBuckets-count histogram holding the remaining-th largest
+// key, as (bucket, keys in buckets above it, keys in it); bucket -1 when the histogram holds
+// fewer keys. load(q) gives counts 4q .. 4q + 3 (each thread reads kBuckets / kThreads).
+template <typename Load>
+__device__ int3 find_bucket(Load load, int remaining) {
+  constexpr int kPer = kBuckets / kThreads;
+  __shared__ int warp_total[kThreads / 32];
+  __shared__ int3 found;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+  if (tid == 0) found = make_int3(-1, 0, 0);
+  int h[kPer], sum = 0;
+#pragma unroll
+  for (int q = 0; q < kPer / 4; ++q) {
+    const int4 v = load(tid * (kPer / 4) + q);
+    h[4 * q] = v.x, h[4 * q + 1] = v.y, h[4 * q + 2] = v.z, h[4 * q + 3] = v.w;
   }
-  return make_int3(-1, 0, 0);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) sum += h[j];
+  int suffix = warp_suffix_sum(sum, lane);  // keys in buckets >= this thread's first, within the warp
+  if (lane == 0) warp_total[warp] = suffix;
+  __syncthreads();
+  for (int w = warp + 1; w < kThreads / 32; ++w) suffix += warp_total[w];
+  int greater = suffix - sum;
+  if (greater < remaining && remaining <= suffix) {  // exactly one thread
+    bool done = false;
+#pragma unroll
+    for (int j = kPer - 1; j >= 0; --j) {
+      if (!done && greater + h[j] >= remaining) {
+        found = make_int3(tid * kPer + j, greater, h[j]);
+        done = true;
+      } else if (!done) {
+        greater += h[j];
+      }
+    }
+  }
+  __syncthreads();
+  const int3 f = found;
+  __syncthreads();  // everyone has read `found` and `warp_total` before a next call rewrites them
+  return f;
 }
 
 // The shared state of one block's selection.
@@ -339,10 +363,10 @@ __device__ void seed_bound(Selection& s, int k, const Source& source) {
     if (key != 0) atomicAdd(&hist[key >> (64 - kDigitBits)], 1);
   }
   __syncthreads();
-  if (threadIdx.x < 32) {
-    const int3 f = find_bucket(hist, k);
+  const int3 f = find_bucket([&](int q) { return reinterpret_cast<const int4*>(hist)[q]; }, k);
+  if (threadIdx.x == 0 && f.x >= 0) {
     const uint64_t edge = static_cast<uint64_t>(f.x) << (64 - kDigitBits);
-    if (f.x >= 0 && edge > s.bound) s.bound = edge;
+    if (edge > s.bound) s.bound = edge;
   }
   __syncthreads();
 }
@@ -497,45 +521,6 @@ struct GridArgs {
   int64_t* indices;       // batch * k
 };
 
-// The whole block: the bucket of the row's histogram (kBuckets counts in global memory, each
-// thread reading its kBuckets / kThreads) holding the remaining-th largest key, as (bucket,
-// keys in buckets above it, keys in it).
-__device__ int3 find_bucket_in_block(const int* __restrict__ row_hist, int remaining) {
-  constexpr int kPer = kBuckets / kThreads;
-  __shared__ int warp_total[kThreads / 32];
-  __shared__ int3 found;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
-  int h[kPer], sum = 0;
-#pragma unroll
-  for (int q = 0; q < kPer / 4; ++q) {
-    const int4 v = __ldcg(reinterpret_cast<const int4*>(row_hist) + tid * (kPer / 4) + q);
-    h[4 * q] = v.x, h[4 * q + 1] = v.y, h[4 * q + 2] = v.z, h[4 * q + 3] = v.w;
-  }
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) sum += h[j];
-  int suffix = warp_suffix_sum(sum, lane);  // keys in buckets >= this thread's first, within the warp
-  if (lane == 0) warp_total[warp] = suffix;
-  __syncthreads();
-  for (int w = warp + 1; w < kThreads / 32; ++w) suffix += warp_total[w];
-  int greater = suffix - sum;
-  if (greater < remaining && remaining <= suffix) {  // exactly one thread
-    bool done = false;
-#pragma unroll
-    for (int j = kPer - 1; j >= 0; --j) {
-      if (!done && greater + h[j] >= remaining) {
-        found = make_int3(tid * kPer + j, greater, h[j]);
-        done = true;
-      } else if (!done) {
-        greater += h[j];
-      }
-    }
-  }
-  __syncthreads();
-  const int3 f = found;
-  __syncthreads();  // everyone has read `found` and `warp_total` before a next call rewrites them
-  return f;
-}
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const T* __restrict__ x, T* __restrict__ values,
                                                                            GridArgs a) {
@@ -583,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
     __syncthreads();
     if (tid == 0) xllm::row_barrier(&g.barrier, gridDim.x, blockIdx.x == 0);
     __syncthreads();
-    const int3 found = find_bucket_in_block(row_hist, remaining);
+    const int3 found = find_bucket([&](int q) { return __ldcg(reinterpret_cast<const int4*>(row_hist) + q); }, remaining);
     prefix |= static_cast<uint64_t>(found.x) << lo;
     mask |= digit << lo;
     remaining -= found.y;
@@ -669,17 +654,9 @@ void launch_grid(const torch::Tensor& x, int64_t k, bool largest, bool sorted, c
   a.rows = static_cast<GridRow*>(workspace.data_ptr());
   a.winners = reinterpret_cast<uint64_t*>(a.rows + kGridRows);
   a.indices = indices.data_ptr<int64_t>();
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(p.splits), static_cast<unsigned>(x.size(0)));
-  config.blockDim = dim3(kThreads);
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeCooperative;  // all blocks resident: the row barrier relies on it
-  attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, grid_topk_kernel<T, VEC>, reinterpret_cast<const T*>(x.data_ptr()),
-                                    reinterpret_cast<T*>(values.data_ptr()), a));
+  const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(x.size(0)));
+  xllm::launch_with(xllm::cooperative(), grid_topk_kernel<T, VEC>, grid, dim3(kThreads), 0,
+                    reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(values.data_ptr()), a);
 }
 
 template <typename T, int VEC>

@@ -37,33 +37,52 @@ constexpr int kGridThreads = 256;                 // grid path: up to two blocks
 constexpr int kGridBlocksPerSm = 2;
 constexpr int64_t kGridMinChunk = 2048;           // grid path: elements per block at least
 
+// Statistics of raw logits x in a row with temperature t, kept in x's own scale:
+// exp(x / t - max / t) = 2^((x - max) * c) with c = log2(e) / t, so that each element costs one
+// subtraction, one multiplication and one exp2 (no division), and (x - max) loses nothing to a
+// division first.
 struct Stats {
-  float m;  // running max
-  float s;  // sum of exp(x - m)
+  float m;  // running max of x
+  float s;  // sum of 2^((x - m) * c)
 };
 
-__device__ __forceinline__ void add(Stats& a, float x) {
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The exponent scale c of a row with temperature t.
+__device__ __forceinline__ float exp2_scale(float t) { return kLog2e / t; }
+
+__device__ __forceinline__ void add(Stats& a, float x, float c) {
   if (x > a.m) {
-    a.s = a.s * expf(a.m - x) + 1.f;  // a.m = -inf: 0 * 0 + 1
+    a.s = a.s * exp2f((a.m - x) * c) + 1.f;  // a.m = -inf: 0 * 0 + 1
     a.m = x;
   } else if (x != -INFINITY) {
-    a.s += expf(x - a.m);  // NaN x gives NaN, which spreads to the whole row
+    a.s += exp2f((x - a.m) * c);  // NaN x gives NaN, which spreads to the whole row
   }
 }
 
-__device__ __forceinline__ Stats combine(Stats a, Stats b) {
+__device__ __forceinline__ Stats combine(Stats a, Stats b, float c) {
   float m = fmaxf(a.m, b.m);
-  float sa = a.s == 0.f ? 0.f : a.s * expf(a.m - m);
-  float sb = b.s == 0.f ? 0.f : b.s * expf(b.m - m);
+  float sa = a.s == 0.f ? 0.f : a.s * exp2f((a.m - m) * c);
+  float sb = b.s == 0.f ? 0.f : b.s * exp2f((b.m - m) * c);
   return {m, sa + sb};
 }
 
+// The row's normalised value of x: softmax, or log-softmax (z - log(sum) with z = (x - m) / t
+// divided exactly, since log-probabilities keep their magnitude).
+template <bool LOG>
+__device__ __forceinline__ float normalised(float x, Stats total, float t, float c, float inv_or_log_sum) {
+  return LOG ? (x - total.m) / t - inv_or_log_sum : exp2f((x - total.m) * c) * inv_or_log_sum;
+}
+
+template <bool LOG>
+__device__ __forceinline__ float inv_or_log_sum(Stats total) { return LOG ? logf(total.s) : 1.f / total.s; }
+
 template <int THREADS = kThreads>
-__device__ Stats block_reduce(Stats v) {
+__device__ Stats block_reduce(Stats v, float c) {
   __shared__ Stats warp_stats[THREADS / 32];
   for (int off = 16; off > 0; off >>= 1) {
     Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-    v = combine(v, o);
+    v = combine(v, o, c);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_stats[warp] = v;
@@ -72,7 +91,7 @@ __device__ Stats block_reduce(Stats v) {
     v = lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f};
     for (int off = 16; off > 0; off >>= 1) {
       Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-      v = combine(v, o);
+      v = combine(v, o, c);
     }
     if (lane == 0) warp_stats[0] = v;
   }
@@ -121,15 +140,15 @@ __global__ void __launch_bounds__(kThreads) partial_stats(const T* __restrict__ 
                                                           int64_t chunk) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
-  const float t = row_temperature(temp, temp_scalar, row);
-  const Chunk c = chunk_of(vocab, chunk);
+  const float c = exp2_scale(row_temperature(temp, temp_scalar, row));
+  const Chunk ch = chunk_of(vocab, chunk);
   Stats st{-INFINITY, 0.f};
-  for (int64_t i = c.begin + threadIdx.x * VEC; i < c.end; i += kThreads * VEC) {
+  for (int64_t i = ch.begin + threadIdx.x * VEC; i < ch.end; i += kThreads * VEC) {
     Vec<T, VEC> v = load<T, VEC>(x + i);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) add(st, to_float(v.v[j]) / t);
+    for (int j = 0; j < VEC; ++j) add(st, to_float(v.v[j]), c);
   }
-  st = block_reduce(st);
+  st = block_reduce(st, c);
   if (threadIdx.x == 0) partials[row * gridDim.y + blockIdx.y] = st;
 }
 
@@ -138,23 +157,19 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
                                                       float temp_scalar, const Stats* __restrict__ partials,
                                                       float* __restrict__ out, int64_t vocab, int64_t chunk) {
   const int64_t row = blockIdx.x;
+  const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   Stats st{-INFINITY, 0.f};
-  for (int i = threadIdx.x; i < gridDim.y; i += kThreads) st = combine(st, partials[row * gridDim.y + i]);
-  st = block_reduce(st);
-  const float t = row_temperature(temp, temp_scalar, row);
-  const float log_sum = logf(st.s);
-  const float inv_sum = 1.f / st.s;
+  for (int i = threadIdx.x; i < gridDim.y; i += kThreads) st = combine(st, partials[row * gridDim.y + i], c);
+  st = block_reduce(st, c);
+  const float sum_term = inv_or_log_sum<LOG>(st);
   const T* x = logits + row * vocab;
   float* y = out + row * vocab;
-  const Chunk c = chunk_of(vocab, chunk);
-  for (int64_t i = c.begin + threadIdx.x * VEC; i < c.end; i += kThreads * VEC) {
+  const Chunk ch = chunk_of(vocab, chunk);
+  for (int64_t i = ch.begin + threadIdx.x * VEC; i < ch.end; i += kThreads * VEC) {
     Vec<T, VEC> v = load<T, VEC>(x + i);
     Vec<float, VEC> r;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float z = to_float(v.v[j]) / t - st.m;
-      r.v[j] = LOG ? z - log_sum : expf(z) * inv_sum;
-    }
+    for (int j = 0; j < VEC; ++j) r.v[j] = normalised<LOG>(to_float(v.v[j]), st, t, c, sum_term);
     *reinterpret_cast<Vec<float, VEC>*>(y + i) = r;
   }
 }
@@ -209,12 +224,12 @@ __device__ __forceinline__ void for_each_vector(int n, int piece, Arrive arrive,
 // BULK: the chunk arrives through kPieces bulk copies (rows 16-byte aligned and a whole number
 // of 16-byte vectors), and the block takes each piece's max as soon as it lands; otherwise the
 // threads copy it element by element. Each thread then sums exp(z - its max) over the same
-// elements (no data-dependent branch). Returns the block's (max, sum) of z = x / t.
+// elements (no data-dependent branch). Returns the block's Stats (c: the row's exp2_scale).
 template <typename T, int VEC, bool BULK, int THREADS>
-__device__ Stats cache_chunk(const T* __restrict__ x, int n, float t, T* cache, uint64_t* arrived) {
+__device__ Stats cache_chunk(const T* __restrict__ x, int n, float c, T* cache, uint64_t* arrived) {
   // Piece p is [p * piece, min((p + 1) * piece, n)); piece is a whole number of vectors.
   const int piece = BULK ? static_cast<int>(round_up((n + kPieces - 1) / kPieces, VEC)) : n;
-  float m = -INFINITY;  // of the raw logits: max(x / t) = max(x) / t, division being monotonic
+  float m = -INFINITY;
   if constexpr (BULK) {
     if (threadIdx.x == 0) {
       for (int p = 0; p < kPieces; ++p) {
@@ -239,30 +254,27 @@ __device__ Stats cache_chunk(const T* __restrict__ x, int n, float t, T* cache, 
       m = nan_max(m, to_float(v));
     });
   }
-  Stats st{m / t, 0.f};
+  Stats st{m, 0.f};
   if (st.m != -INFINITY) {  // else every element is -inf (or there are none): the sum is 0
     for_each_vector<THREADS, VEC>(n, piece, [](int) {}, [&](int i) {
       const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) st.s += expf(to_float(v.v[j]) / t - st.m);  // NaN stays NaN
+      for (int j = 0; j < VEC; ++j) st.s += exp2f((to_float(v.v[j]) - st.m) * c);  // NaN stays NaN
     });
   }
-  return block_reduce<THREADS>(st);
+  return block_reduce<THREADS>(st, c);
 }
 
 // Writes the cached chunk of n elements normalised by the row's (max, sum) to y.
 template <typename T, int VEC, bool LOG, int THREADS>
-__device__ __forceinline__ void write_chunk(const T* cache, int n, float t, Stats total, float* __restrict__ y) {
-  const float log_sum = logf(total.s), inv_sum = 1.f / total.s;
+__device__ __forceinline__ void write_chunk(const T* cache, int n, float t, float c, Stats total, float* __restrict__ y) {
+  const float sum_term = inv_or_log_sum<LOG>(total);
 #pragma unroll 4
   for (int i = threadIdx.x * VEC; i < n; i += THREADS * VEC) {
     const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
     Vec<float, VEC> r;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float z = to_float(v.v[j]) / t - total.m;
-      r.v[j] = LOG ? z - log_sum : expf(z) * inv_sum;
-    }
+    for (int j = 0; j < VEC; ++j) r.v[j] = normalised<LOG>(to_float(v.v[j]), total, t, c, sum_term);
     *reinterpret_cast<Vec<float, VEC>*>(y + i) = r;
   }
 }
@@ -278,10 +290,10 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
   __shared__ uint64_t arrived[kPieces];
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t row = blockIdx.y;
-  const float t = row_temperature(temp, temp_scalar, row);
+  const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   const int64_t begin = static_cast<int64_t>(cluster.block_rank()) * chunk;
   const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
-  const Stats st = cache_chunk<T, VEC, BULK, THREADS>(logits + row * vocab + begin, n, t, cache, arrived);
+  const Stats st = cache_chunk<T, VEC, BULK, THREADS>(logits + row * vocab + begin, n, c, cache, arrived);
   if (threadIdx.x == 0) block_stats = st;
   cluster.sync();
   if (threadIdx.x < 32) {
@@ -289,12 +301,12 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
     Stats v = lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f};
     for (int off = 16; off > 0; off >>= 1) {
       Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-      v = combine(v, o);
+      v = combine(v, o, c);
     }
     if (lane == 0) row_stats = v;
   }
   cluster.sync();  // every block's stats were read before any block moves on (and may exit)
-  write_chunk<T, VEC, LOG, THREADS>(cache, n, t, row_stats, out + row * vocab + begin);
+  write_chunk<T, VEC, LOG, THREADS>(cache, n, t, c, row_stats, out + row * vocab + begin);
 }
 
 // Small batches over the whole GPU: each row is split over gridDim.x blocks (more than a
@@ -309,10 +321,10 @@ __global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restr
   T* cache = reinterpret_cast<T*>(cache_bytes);
   __shared__ uint64_t arrived[kPieces];
   const int64_t row = blockIdx.y;
-  const float t = row_temperature(temp, temp_scalar, row);
+  const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
-  const Stats st = cache_chunk<T, VEC, BULK, kGridThreads>(logits + row * vocab + begin, n, t, cache, arrived);
+  const Stats st = cache_chunk<T, VEC, BULK, kGridThreads>(logits + row * vocab + begin, n, c, cache, arrived);
   float2* row_partials = partials + row * gridDim.x;
   if (threadIdx.x == 0) {
     row_partials[blockIdx.x] = make_float2(st.m, st.s);
@@ -322,9 +334,9 @@ __global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restr
   Stats v{-INFINITY, 0.f};
   for (unsigned i = threadIdx.x; i < gridDim.x; i += kGridThreads) {
     const float2 p = __ldcg(row_partials + i);  // from L2: other SMs wrote them
-    v = combine(v, Stats{p.x, p.y});
+    v = combine(v, Stats{p.x, p.y}, c);
   }
-  write_chunk<T, VEC, LOG, kGridThreads>(cache, n, t, block_reduce<kGridThreads>(v), out + row * vocab + begin);
+  write_chunk<T, VEC, LOG, kGridThreads>(cache, n, t, c, block_reduce<kGridThreads>(v, c), out + row * vocab + begin);
 }
 
 // Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
@@ -378,18 +390,10 @@ void launch_grid(const torch::Tensor& logits, const float* temp, float temp_scal
   constexpr auto kernel = grid_softmax<T, VEC, LOG, (VEC > 1)>;
   xllm::configure_once<kernel>(device, kMaxChunkBytes);
   const GridScratch scratch = grid_scratch(device, sms);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((vocab + chunk - 1) / chunk), static_cast<unsigned>(batch));
-  config.blockDim = dim3(kGridThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(chunk) * sizeof(T);
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeCooperative;  // all blocks resident: the row barrier relies on it
-  attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar,
-                                    out.data_ptr<float>(), vocab, chunk, scratch.partials, scratch.counters));
+  const dim3 grid(static_cast<unsigned>((vocab + chunk - 1) / chunk), static_cast<unsigned>(batch));
+  xllm::launch_with(xllm::cooperative(), kernel, grid, dim3(kGridThreads), static_cast<size_t>(chunk) * sizeof(T),
+                    reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar, out.data_ptr<float>(), vocab, chunk,
+                    scratch.partials, scratch.counters);
 }
 
 template <typename T, int VEC, bool LOG, int THREADS>
@@ -398,20 +402,9 @@ void launch_cluster(const torch::Tensor& logits, const float* temp, float temp_s
   const int64_t chunk = round_up((vocab + cs - 1) / cs, VEC);
   constexpr auto kernel = cluster_softmax<T, VEC, LOG, (VEC > 1), THREADS>;
   xllm::configure_once<kernel>(logits.get_device(), kMaxChunkBytes, /*nonportable_clusters=*/true);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(cs, static_cast<unsigned>(batch));
-  config.blockDim = dim3(THREADS);
-  config.dynamicSmemBytes = static_cast<size_t>(chunk) * sizeof(T);
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cs;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar,
-                                    out.data_ptr<float>(), vocab, chunk));
+  xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, static_cast<unsigned>(batch)), dim3(THREADS),
+                    static_cast<size_t>(chunk) * sizeof(T), reinterpret_cast<const T*>(logits.data_ptr()), temp,
+                    temp_scalar, out.data_ptr<float>(), vocab, chunk);
 }
 
 // Threads per cluster block: 512 while the grid is smaller than the GPU (latency-bound rows
