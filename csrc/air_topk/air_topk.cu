@@ -14,11 +14,12 @@
 // memory, so that no block works through the row or a merge alone. Otherwise:
 // one block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
 // and keeps every key at or above its admission bound in a shared-memory buffer. The first
-// tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); when the
-// buffer could overflow it is cut to its k largest keys by a radix select (8-bit digits from
-// the top, stopping as soon as the bucket holding the k-th key is taken whole) and the bound
-// rises to that cut. Warps test values against the bound as floats before making any key, so
-// after the first tile almost nothing is admitted and the pass runs at the speed of the loads.
+// tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); once the
+// buffer holds 4 max(k, 64) keys, or could overflow, it is cut to its k largest keys by a radix
+// select (8-bit digits from the top, stopping as soon as the bucket holding the k-th key is taken
+// whole) and the bound rises to that cut: early cuts raise the bound sooner, so fewer keys are
+// admitted. Threads test values against the bound as floats before making any key, and a warp
+// skips a tile, or an item of it, that none of its lanes passes.
 // Other batches that leave the GPU idle split each row over `splits` blocks: each writes its k
 // best keys and its bound to the workspace, and the row's last block to finish (a ticket
 // counter, reset by that block) selects the final k from those splits * k keys, admitting only
@@ -49,6 +50,10 @@ constexpr int kBuckets = 1 << kDigitBits;   // of fp32) and the grid path's pass
 using xllm::round_up;
 
 __host__ __device__ constexpr int capacity(int k) { return kTile + (2 * k > 1024 ? 2 * k : 1024); }
+
+// The buffer is cut to k keys once it holds this many (or earlier, when the next tile could
+// overflow it): every cut raises the admission bound, and a higher bound admits fewer keys.
+__host__ __device__ constexpr int cut_at(int k) { return 4 * (k > 64 ? k : 64); }
 
 // Order-preserving unsigned image of a value; NaN is the largest.
 __device__ __forceinline__ uint64_t value_bits(float x) {
@@ -166,14 +171,20 @@ __device__ int3 find_bucket(Load load, int remaining) {
   return f;
 }
 
+// The split path's dynamic shared memory: the selection's buffer (capacity(k) keys), then k
+// keys of scratch. Declared here, not behind a pointer, so that the compiler knows it is shared
+// memory (shared-memory loads, stores and atomics rather than generic ones).
+extern __shared__ __align__(16) uint64_t selection_keys[];
+
 // The shared state of one block's selection.
 struct Selection {
-  uint64_t* buf;         // capacity(k) keys
-  uint64_t* aux;         // k keys
-  int count;             // keys in buf
+  int count;             // keys in buf()
   uint64_t bound;        // admission bound: keys below it cannot be among the k largest
   int hist[256];
   int found_bucket, found_greater, found_count, kept;
+
+  static __device__ __forceinline__ uint64_t* buf() { return selection_keys; }
+  static __device__ __forceinline__ uint64_t* aux(int k) { return selection_keys + capacity(k); }
 };
 
 // Append `key` to dst[*count] when `take` (one shared-memory atomic per warp).
@@ -199,7 +210,7 @@ __device__ void cut_to_k(Selection& s, int k) {
     // would otherwise serialise on one shared-memory counter).
     const int lane = threadIdx.x & 31;
     for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {
-      const uint64_t key = i < n ? s.buf[i] : 0;
+      const uint64_t key = i < n ? s.buf()[i] : 0;
       const bool in = i < n && (key & mask) == prefix;
       const int bucket = in ? static_cast<int>((key >> shift) & 0xFF) : 256;
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, bucket);
@@ -235,11 +246,11 @@ __device__ void cut_to_k(Selection& s, int k) {
   if (threadIdx.x == 0) s.kept = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {
-    const uint64_t key = i < n ? s.buf[i] : 0;
-    append(s.aux, &s.kept, key, i < n && key >= prefix);
+    const uint64_t key = i < n ? s.buf()[i] : 0;
+    append(s.aux(k), &s.kept, key, i < n && key >= prefix);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += kThreads) s.buf[i] = s.aux[i];
+  for (int i = threadIdx.x; i < k; i += kThreads) s.buf()[i] = s.aux(k)[i];
   if (threadIdx.x == 0) {
     s.count = k;
     s.bound = prefix;
@@ -252,17 +263,21 @@ struct Tile {
   static constexpr int kLoads = kItems / VEC;
   T v[kLoads][VEC];
 
-  // This thread's elements of the tile at base (VEC per 16-byte load, loads kThreads * VEC apart).
-  __device__ __forceinline__ void load(const T* __restrict__ row, int64_t base, int64_t end) {
+  // Where this thread's element (u, j) lies in a tile (VEC per 16-byte load, loads kThreads * VEC apart).
+  static __device__ __forceinline__ int offset(int u, int j) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC + j; }
+
+  // This thread's elements of the tile starting at `tile`, of which the first n exist (n is a
+  // multiple of VEC; 32-bit offsets keep the bounds checks to one compare each).
+  __device__ __forceinline__ void load(const T* __restrict__ tile, int n) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int64_t at = base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
-      if (at < end) {
+      const int at = offset(u, 0);
+      if (at < n) {
         if constexpr (VEC == 1) {
-          v[u][0] = row[at];
+          v[u][0] = tile[at];
         } else {
           struct alignas(16) Pack { T x[VEC]; };
-          const Pack p = *reinterpret_cast<const Pack*>(row + at);
+          const Pack p = *reinterpret_cast<const Pack*>(tile + at);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) v[u][j] = p.x[j];
         }
@@ -272,8 +287,8 @@ struct Tile {
 };
 
 // One row's logits [begin, end) as a source of keys, a tile of kItems per thread at a time
-// (zero past the end). The next tile's loads are issued before this tile is sifted, so the
-// memory system never idles.
+// (zero past the end). The next tile's loads are issued before this tile is sifted. (Holding
+// more tiles in flight, in registers or as L2 prefetches, measured slower on the H100.)
 template <typename T, int VEC>
 struct LogitKeys {
   const T* __restrict__ row;
@@ -281,35 +296,29 @@ struct LogitKeys {
   uint64_t flip;
   Tile<T, VEC> cur, next;
   int64_t base;
+  int size;  // elements of the current tile (kTile but for the last)
 
-  __device__ void start() { next.load(row, begin, end); }
+  __device__ __forceinline__ int size_at(int64_t tile_base) const { return static_cast<int>(min(static_cast<int64_t>(kTile), end - tile_base)); }
+
+  __device__ void start() { next.load(row + begin, size_at(begin)); }
 
   __device__ __forceinline__ void load(int64_t tile_base) {
     cur = next;
     base = tile_base;
-    if (base + kTile < end) next.load(row, base + kTile, end);
-  }
-
-  __device__ __forceinline__ int64_t at(int u, int j) const {
-    return base + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC + j;
+    size = size_at(base);
+    if (base + kTile < end) next.load(row + base + kTile, size_at(base + kTile));
   }
 
   __device__ __forceinline__ uint64_t key(int i) const {
-    const int u = i / VEC, j = i % VEC;
-    return at(u, j) < end ? Key<T>::make(cur.v[u][j], at(u, j), flip) : 0;
+    const int u = i / VEC, j = i % VEC, at = Tile<T, VEC>::offset(u, j);
+    return at < size ? Key<T>::make(cur.v[u][j], base + at, flip) : 0;
   }
 
-  // Whether any of this thread's keys may reach `bound` (compares values, not keys).
-  __device__ __forceinline__ bool may_reach(uint64_t bound) const {
+  // Whether this thread's key i may reach `bound` (compares the value only: cheaper than a key).
+  __device__ __forceinline__ bool may_reach(int i, uint64_t bound) const {
     const float sign = flip ? -1.f : 1.f, t = Key<T>::threshold(bound, flip) * sign;
-    const bool full = base + kTile <= end;
-    bool any = false;
-#pragma unroll
-    for (int u = 0; u < Tile<T, VEC>::kLoads; ++u) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) any |= (full || at(u, j) < end) && !(to_float(cur.v[u][j]) * sign < t);
-    }
-    return any;
+    const int u = i / VEC, j = i % VEC;
+    return Tile<T, VEC>::offset(u, j) < size && !(to_float(cur.v[u][j]) * sign < t);
   }
 };
 
@@ -329,23 +338,23 @@ struct StoredKeys {
     return at < end ? __ldcg(reinterpret_cast<const unsigned long long*>(keys + at)) : 0;
   }
 
-  __device__ __forceinline__ bool may_reach(uint64_t bound) const {
-    bool any = false;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) any |= key(i) >= bound;
-    return any;
-  }
+  __device__ __forceinline__ bool may_reach(int i, uint64_t bound) const { return key(i) >= bound; }
 };
 
 // Admit the source's keys of this thread's tile that reach the bound (zero keys never do:
-// the bound is >= 1). Warps whose values all fail the source's cheap pre-test skip the keys.
+// the bound is >= 1). Keys are made only where the source's cheap pre-test passes, and a warp
+// skips the tile (after the first tiles almost always), or an item, that none of its lanes passes.
 template <typename Source>
 __device__ __forceinline__ void admit(Selection& s, const Source& source, uint64_t bound) {
-  if (!__any_sync(0xFFFFFFFFu, source.may_reach(bound))) return;  // after the first tiles almost always
+  bool pass[kItems], any = false;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) any |= (pass[i] = source.may_reach(i, bound));
+  if (!__any_sync(0xFFFFFFFFu, any)) return;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    const uint64_t key = source.key(i);
-    append(s.buf, &s.count, key, key >= bound);
+    if (!__any_sync(0xFFFFFFFFu, pass[i])) continue;
+    const uint64_t key = pass[i] ? source.key(i) : 0;
+    append(s.buf(), &s.count, key, key >= bound);
   }
 }
 
@@ -354,7 +363,7 @@ __device__ __forceinline__ void admit(Selection& s, const Source& source, uint64
 // replaces admitting the whole first tile and cutting it digit by digit.
 template <typename Source>
 __device__ void seed_bound(Selection& s, int k, const Source& source) {
-  int* hist = reinterpret_cast<int*>(s.buf);  // the buffer is empty until the first admission
+  int* hist = reinterpret_cast<int*>(s.buf());  // the buffer is empty until the first admission
   for (int b = threadIdx.x; b < kBuckets; b += kThreads) hist[b] = 0;
   __syncthreads();
 #pragma unroll
@@ -382,7 +391,7 @@ __device__ void stream(Selection& s, int k, Source& source) {
     const int count = s.count;
     __syncthreads();  // every thread decides on the same count before any admits into this tile
     if (count == 0 && base == source.begin) seed_bound(s, k, source);
-    if (count + kTile > cap) cut_to_k(s, k);
+    if (count + kTile > cap || count >= cut_at(k)) cut_to_k(s, k);
     admit(s, source, s.bound);
     __syncthreads();
   }
@@ -435,14 +444,11 @@ struct Args {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* __restrict__ x, T* __restrict__ values, Args a) {
-  extern __shared__ uint64_t smem[];
   __shared__ Selection s;
   __shared__ bool last;
   const int64_t row = blockIdx.x;
   const int k = a.k;
   if (threadIdx.x == 0) {
-    s.buf = smem;
-    s.aux = smem + capacity(k);
     s.count = 0;
     s.bound = 1;  // every real key is >= 2^31 (its low half is ~index); 0 marks an empty slot
   }
@@ -454,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
   if (s.count > k) cut_to_k(s, k);
   if (a.splits > 1) {
     uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * k;
-    for (int i = threadIdx.x; i < k; i += kThreads) mine[i] = i < s.count ? s.buf[i] : 0;
+    for (int i = threadIdx.x; i < k; i += kThreads) mine[i] = i < s.count ? s.buf()[i] : 0;
     if (threadIdx.x == 0) a.bounds[row * a.splits + blockIdx.y] = s.bound;
     __threadfence();
     __syncthreads();
@@ -477,9 +483,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     stream(s, k, partial);
     if (s.count > k) cut_to_k(s, k);
   }
-  if (a.sorted) sort_descending(s.buf, k);
+  if (a.sorted) sort_descending(s.buf(), k);
   for (int i = threadIdx.x; i < k; i += kThreads) {
-    const int64_t index = index_of(s.buf[i]);
+    const int64_t index = index_of(s.buf()[i]);
     values[row * k + i] = xr[index];
     a.indices[row * k + i] = index;
   }
@@ -535,12 +541,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   uint64_t keys[kItems];  // 0: no element
   {
     Tile<T, VEC> tile;
-    tile.load(xr, begin, end);
+    const int n = static_cast<int>(end - begin);
+    tile.load(xr + begin, n);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      const int u = i / VEC, j = i % VEC;
-      const int64_t at = begin + (static_cast<int64_t>(u) * kThreads + tid) * VEC + j;
-      keys[i] = at < end ? Key<T>::make(tile.v[u][j], at, a.flip) : 0;
+      const int u = i / VEC, j = i % VEC, at = Tile<T, VEC>::offset(u, j);
+      keys[i] = at < n ? Key<T>::make(tile.v[u][j], begin + at, a.flip) : 0;
     }
   }
   uint64_t prefix = 0, mask = 0;  // the bits of the k-th key found so far
@@ -622,7 +628,7 @@ struct Plan {
 
 // The grid path when the whole batch fits one tile per block in one wave; else blocks per row
 // as many as run at once on the GPU (one wave), each streaming at least kMinChunk elements and
-// at least 4 k, so that merging splits * k keys stays cheaper than the row.
+// at least 16 k, so that merging splits * k keys stays cheaper than the row.
 Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
   const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t tiles = (vocab + kTile - 1) / kTile;
@@ -633,7 +639,7 @@ Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
   int64_t splits = 1;
   if (batch <= kMaxTicketRows) {
     const int64_t by_gpu = kBlocksPerSm * sms / batch;
-    const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 4 * k);
+    const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 16 * k);
     splits = std::max<int64_t>(1, std::min(by_gpu, by_size));
   }
   const int64_t chunk = round_up((vocab + splits - 1) / splits, 16);
