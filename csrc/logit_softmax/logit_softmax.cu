@@ -70,29 +70,31 @@ __device__ __forceinline__ Stats combine(Stats a, Stats b, float c) {
 // The row's normalised value of x: softmax, or log-softmax (z - log(sum) with z = (x - m) / t
 // divided exactly, since log-probabilities keep their magnitude).
 template <bool LOG>
-__device__ __forceinline__ float normalised(float x, Stats total, float t, float c, float inv_or_log_sum) {
-  return LOG ? (x - total.m) / t - inv_or_log_sum : exp2f((x - total.m) * c) * inv_or_log_sum;
+__device__ __forceinline__ float normalised(float x, Stats total, float t, float c, float sum_term) {
+  return LOG ? (x - total.m) / t - sum_term : exp2f((x - total.m) * c) * sum_term;
 }
 
 template <bool LOG>
 __device__ __forceinline__ float inv_or_log_sum(Stats total) { return LOG ? logf(total.s) : 1.f / total.s; }
 
-template <int THREADS = kThreads>
-__device__ Stats block_reduce(Stats v, float c) {
-  __shared__ Stats warp_stats[THREADS / 32];
+// The combined Stats of a warp's lanes, in every lane.
+__device__ __forceinline__ Stats warp_reduce(Stats v, float c) {
   for (int off = 16; off > 0; off >>= 1) {
     Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
     v = combine(v, o, c);
   }
+  return v;
+}
+
+template <int THREADS = kThreads>
+__device__ Stats block_reduce(Stats v, float c) {
+  __shared__ Stats warp_stats[THREADS / 32];
+  v = warp_reduce(v, c);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_stats[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f};
-    for (int off = 16; off > 0; off >>= 1) {
-      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-      v = combine(v, o, c);
-    }
+    v = warp_reduce(lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f}, c);
     if (lane == 0) warp_stats[0] = v;
   }
   __syncthreads();
@@ -298,11 +300,8 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
   cluster.sync();
   if (threadIdx.x < 32) {
     const unsigned lane = threadIdx.x;
-    Stats v = lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f};
-    for (int off = 16; off > 0; off >>= 1) {
-      Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-      v = combine(v, o, c);
-    }
+    const Stats v = warp_reduce(
+        lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f}, c);
     if (lane == 0) row_stats = v;
   }
   cluster.sync();  // every block's stats were read before any block moves on (and may exit)
