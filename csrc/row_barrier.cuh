@@ -19,4 +19,23 @@ __device__ __forceinline__ void row_barrier(unsigned* counter, unsigned blocks, 
   } while (((old ^ now) & 0x80000000u) == 0);
 }
 
+// The same barrier split in two, with no memory ordering, for data that shows by itself
+// whether it has arrived: row_phase before arriving (the top bit cannot flip until this block
+// has arrived), row_arrive (does not wait for the counter's reply), then row_wait(phase).
+__device__ __forceinline__ unsigned row_phase(const unsigned* counter) {
+  unsigned now;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
+  return now & 0x80000000u;
+}
+
+__device__ __forceinline__ void row_arrive(unsigned* counter, unsigned blocks, bool leader) {
+  const unsigned add = leader ? 0x80000000u - (blocks - 1) : 1u;
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(add) : "memory");
+}
+
+__device__ __forceinline__ void row_wait(const unsigned* counter, unsigned phase) {
+  while (row_phase(counter) == phase) {
+  }
+}
+
 }  // namespace xllm

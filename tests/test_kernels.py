@@ -33,9 +33,9 @@ def test_softmax_matches_float64(batch, vocab, log):
         assert (out.double().sum(-1) - 1).abs().max().item() <= 1e-5
 
 
-def test_softmax_grid_barrier_is_reusable_across_shapes_and_graph_replays():
-    """Small batches take the grid path, whose row barriers live on between launches: many
-    launches of changing shapes, then replays of a captured graph, must each be right."""
+def test_softmax_grid_exchange_is_reusable_across_shapes_and_graph_replays():
+    """Small batches take the grid path, whose exchange slots and epochs live on between
+    launches: many launches of changing shapes, then replays of a captured graph, must each be right."""
     shapes = [(1, 151936), (3, 100000), (1, 262144), (7, 65536), (2, 151936)]
     inputs = [torch.randn(b, v, device="cuda") * 3 for b, v in shapes]
     refs = [torch.softmax(x.double(), -1) for x in inputs]
@@ -77,6 +77,23 @@ def test_softmax_special_rows_and_unaligned_input(vocab, dtype):
     assert (out.double()[ok] - ref[ok]).abs().max().item() <= 1e-6
     shifted = torch.randn(3, 4097, device="cuda")[:, 1:]  # rows not 16-byte aligned: copied, scalar loads
     assert (logit_softmax(shifted).double() - torch.softmax(shifted.double(), -1)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("batch,vocab,dtype", [(1000, 65536, torch.float32), (777, 151936, torch.bfloat16),
+                                               (5000, 4000, torch.float16)])
+def test_softmax_clusters_looping_over_rows_keep_every_row_apart(batch, vocab, dtype):
+    """More rows than clusters fit the GPU: each cluster loads its next row while it writes this
+    one. Every row must come out right, special rows among ordinary ones included."""
+    logits = (torch.randn(batch, vocab, device="cuda") * 3).to(dtype)
+    logits[::97] = float("-inf")
+    logits[5::101, 3] = float("nan")
+    logits[7::89] = 0.25
+    t = torch.rand(batch, device="cuda") + 0.5
+    out = logit_softmax(logits, t)
+    ref = torch.softmax(logits.double() / t.double()[:, None], -1)
+    assert torch.equal(out.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert (out.double()[ok] - ref[ok]).abs().max().item() <= 1e-6
 
 
 # -- air_topk ----------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 // Step logit_softmax: softmax / log-softmax of logits / temperature over the last dim, float32 out.
 //
-// Main paths, one launch, logits read once: each block copies its chunk of a row once into
-// shared memory (bulk copies when rows are 16-byte aligned, taking each piece's max as it lands;
-// element loads otherwise), then sums exp(z - max) over it; the row's blocks combine their
-// (max, sum), and each block writes its chunk normalised from shared memory.
+// Main paths, one launch, logits read once: the blocks of a row each take a chunk of it, find the
+// chunk's (max, sum of exp), combine the row's, and write their chunk normalised.
 //   - Small batches (a row wants more than 16 blocks): the whole GPU, every block resident
-//     (cooperative launch); the blocks of a row meet at a barrier in global memory.
+//     (cooperative launch), each thread's elements held in registers; the blocks of a row meet at
+//     a barrier in global memory.
 //   - Otherwise a thread-block cluster of 1 to 16 blocks per row (Hopper) combines through
-//     distributed shared memory; chunks of at most 40 KB where the row allows leave room for
-//     several blocks per SM.
+//     distributed shared memory. Each block caches its chunk in shared memory (bulk copies when
+//     rows are 16-byte aligned, taking each piece's max as it lands; element loads otherwise);
+//     chunks of at most 40 KB where the row allows leave room for several blocks per SM.
 //
 // Rows too long for 16 blocks' shared memory take two launches over (batch, splits) blocks:
 //   1. partial_stats: online (max, sum of exp) of its chunk;
@@ -36,6 +36,9 @@ constexpr int64_t kMinClusterChunk = 1024;        // do not split rows finer tha
 constexpr int kGridThreads = 256;                 // grid path: up to two blocks of 256 threads per SM
 constexpr int kGridBlocksPerSm = 2;
 constexpr int64_t kGridMinChunk = 2048;           // grid path: elements per block at least
+constexpr int kGridItems = 32;                    // grid path: elements per thread at most (held in registers)
+constexpr int kGridMaxSplits = 256;               // grid path: blocks per row at most
+constexpr int kGridMaxRows = 32;                  // grid path: rows at most (each wants more than kMaxCluster blocks)
 
 // Statistics of raw logits x in a row with temperature t, kept in x's own scale:
 // exp(x / t - max / t) = 2^((x - max) * c) with c = log2(e) / t, so that each element costs one
@@ -77,24 +80,58 @@ __device__ __forceinline__ float normalised(float x, Stats total, float t, float
 template <bool LOG>
 __device__ __forceinline__ float inv_or_log_sum(Stats total) { return LOG ? logf(total.s) : 1.f / total.s; }
 
-// The combined Stats of a warp's lanes, in every lane.
-__device__ __forceinline__ Stats warp_reduce(Stats v, float c) {
-  for (int off = 16; off > 0; off >>= 1) {
-    Stats o{__shfl_xor_sync(0xffffffff, v.m, off), __shfl_xor_sync(0xffffffff, v.s, off)};
-    v = combine(v, o, c);
-  }
+// Max that keeps a NaN once it has seen one.
+__device__ __forceinline__ float nan_max(float m, float x) { return (x > m || x != x) ? x : m; }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffff, v, off));
   return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+  return v;
+}
+
+// The combined Stats of a warp's lanes, in every lane: the max first, then the lanes' sums
+// rescaled to it (one exp2 per lane rather than one per shuffle step).
+__device__ __forceinline__ Stats warp_combine(Stats v, float c) {
+  const float m = warp_max(v.m);
+  return {m, warp_sum(v.s == 0.f ? 0.f : v.s * exp2f((v.m - m) * c))};
+}
+
+// The Stats of a block's elements in two block-wide reductions: the max of the threads' maxima
+// m, then the sum of each thread's sum_from(max) (its sum of 2^((x - max) * c)), so that no
+// partial sum needs rescaling. Once per kernel: its shared scratch is not reused.
+template <int THREADS, typename SumFrom>
+__device__ __forceinline__ Stats block_stats(float m, SumFrom sum_from) {
+  constexpr int kWarps = THREADS / 32;
+  __shared__ float warp_part[2][kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  m = warp_max(m);
+  if (lane == 0) warp_part[0][warp] = m;
+  __syncthreads();
+  float max = warp_part[0][0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) max = nan_max(max, warp_part[0][w]);
+  const float s = warp_sum(max == -INFINITY ? 0.f : sum_from(max));  // all -inf (or none): the sum is 0
+  if (lane == 0) warp_part[1][warp] = s;
+  __syncthreads();
+  float sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += warp_part[1][w];
+  return {max, sum};
 }
 
 template <int THREADS = kThreads>
 __device__ Stats block_reduce(Stats v, float c) {
   __shared__ Stats warp_stats[THREADS / 32];
-  v = warp_reduce(v, c);
+  v = warp_combine(v, c);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_stats[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = warp_reduce(lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f}, c);
+    v = warp_combine(lane < THREADS / 32 ? warp_stats[lane] : Stats{-INFINITY, 0.f}, c);
     if (lane == 0) warp_stats[0] = v;
   }
   __syncthreads();
@@ -207,9 +244,6 @@ __device__ __forceinline__ void wait_barrier(uint64_t* barrier) {
       : "memory");
 }
 
-// Max that keeps a NaN once it has seen one.
-__device__ __forceinline__ float nan_max(float m, float x) { return (x > m || x != x) ? x : m; }
-
 // This thread's vectors of a chunk of n elements cut into pieces of `piece` elements: f(i)
 // for each vector start i, piece by piece; before each piece, arrive(p).
 template <int THREADS, int VEC, typename Arrive, typename F>
@@ -225,8 +259,9 @@ __device__ __forceinline__ void for_each_vector(int n, int piece, Arrive arrive,
 // A block's share of one row: its chunk, cached in shared memory as the logits' own type.
 // BULK: the chunk arrives through kPieces bulk copies (rows 16-byte aligned and a whole number
 // of 16-byte vectors), and the block takes each piece's max as soon as it lands; otherwise the
-// threads copy it element by element. Each thread then sums exp(z - its max) over the same
-// elements (no data-dependent branch). Returns the block's Stats (c: the row's exp2_scale).
+// threads copy it element by element. Then each thread sums 2^((x - max) * c) over the same
+// elements against the block's max (no data-dependent branch). Returns the block's Stats (c: the
+// row's exp2_scale).
 template <typename T, int VEC, bool BULK, int THREADS>
 __device__ Stats cache_chunk(const T* __restrict__ x, int n, float c, T* cache, uint64_t* arrived) {
   // Piece p is [p * piece, min((p + 1) * piece, n)); piece is a whole number of vectors.
@@ -256,15 +291,15 @@ __device__ Stats cache_chunk(const T* __restrict__ x, int n, float c, T* cache, 
       m = nan_max(m, to_float(v));
     });
   }
-  Stats st{m, 0.f};
-  if (st.m != -INFINITY) {  // else every element is -inf (or there are none): the sum is 0
+  return block_stats<THREADS>(m, [&](float max) {
+    float s = 0.f;
     for_each_vector<THREADS, VEC>(n, piece, [](int) {}, [&](int i) {
       const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(cache + i);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) st.s += exp2f((to_float(v.v[j]) - st.m) * c);  // NaN stays NaN
+      for (int j = 0; j < VEC; ++j) s += exp2f((to_float(v.v[j]) - max) * c);  // NaN stays NaN
     });
-  }
-  return block_reduce<THREADS>(st, c);
+    return s;
+  });
 }
 
 // Writes the cached chunk of n elements normalised by the row's (max, sum) to y.
@@ -300,7 +335,7 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
   cluster.sync();
   if (threadIdx.x < 32) {
     const unsigned lane = threadIdx.x;
-    const Stats v = warp_reduce(
+    const Stats v = warp_combine(
         lane < cluster.num_blocks() ? *cluster.map_shared_rank(&block_stats, lane) : Stats{-INFINITY, 0.f}, c);
     if (lane == 0) row_stats = v;
   }
@@ -308,34 +343,142 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
   write_chunk<T, VEC, LOG, THREADS>(cache, n, t, c, row_stats, out + row * vocab + begin);
 }
 
-// Small batches over the whole GPU: each row is split over gridDim.x blocks (more than a
-// cluster holds), all resident at once (cooperative launch). Each block publishes its
-// (max, sum) in global memory, waits at the row's barrier, and combines all of the row's.
-template <typename T, int VEC, bool LOG, bool BULK>
+// The grid path's exchange of (max, sum) between the blocks of a row, with no fence: each value
+// travels with the row's epoch number in one 8-byte word (an 8-byte store is seen whole or not at
+// all), so a reader that finds the epoch it expects has the value too. Slot (row, block) belongs
+// to that block of that row in every launch, and a row's epoch only grows (by one per launch,
+// wrapping after 2^32), so a stale slot never shows the current epoch. Readers wait at the row's
+// barrier first (one word polled per block, not every slot by every block).
+__device__ __forceinline__ uint64_t epoch_word(float value, unsigned epoch) {
+  return static_cast<uint64_t>(epoch) << 32 | __float_as_uint(value);
+}
+__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void store_relaxed(unsigned* p, unsigned v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// One lane per call: publish this block's Stats as slot pair `mine` with `epoch`.
+__device__ __forceinline__ void publish(uint64_t* mine, Stats st, unsigned epoch) {
+  store_relaxed(mine, epoch_word(st.m, epoch));
+  store_relaxed(mine + 1, epoch_word(st.s, epoch));
+}
+
+// One warp, past the row's barrier: the combined Stats of the row's `blocks` slot pairs, once
+// every one shows `epoch` (lane L reads blocks L, L + 32, ..., all of its loads in flight at
+// once, again for any not yet visible).
+__device__ Stats gather(const uint64_t* slots, unsigned blocks, unsigned epoch, float c) {
+  constexpr int kPerLane = kGridMaxSplits / 32;
+  const unsigned lane = threadIdx.x % 32;
+  uint64_t word[kPerLane][2];
+  unsigned pending = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) pending |= (lane + 32 * i < blocks ? 1u : 0u) << i;
+  while (pending != 0) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (pending >> i & 1) {
+        word[i][0] = load_relaxed(slots + 2 * (lane + 32 * i));
+        word[i][1] = load_relaxed(slots + 2 * (lane + 32 * i) + 1);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (word[i][0] >> 32 == epoch && word[i][1] >> 32 == epoch) pending &= ~(1u << i);
+    }
+  }
+  Stats r{-INFINITY, 0.f};
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    if (lane + 32 * i < blocks) {
+      r = combine(r, Stats{__uint_as_float(static_cast<uint32_t>(word[i][0])), __uint_as_float(static_cast<uint32_t>(word[i][1]))}, c);
+    }
+  }
+  return warp_combine(r, c);
+}
+
+// Grid path: small batches over the whole GPU. Each row is split over gridDim.x blocks (more than
+// a cluster holds), all resident at once (cooperative launch); each thread holds its at most
+// kGridItems elements of the block's chunk in registers. Warp 0 publishes the block's (max, sum),
+// arrives at the row's barrier, and past it gathers all of the row's (see publish); block 0 then
+// moves the row's epoch on for the next launch (every block of the row has read it by then).
+// Every thread writes its elements.
+template <typename T, int VEC, bool LOG>
 __global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restrict__ logits, const float* __restrict__ temp,
                                                                 float temp_scalar, float* __restrict__ out, int64_t vocab,
-                                                                int64_t chunk, float2* __restrict__ partials,
-                                                                unsigned* __restrict__ counters) {
-  extern __shared__ __align__(128) unsigned char cache_bytes[];
-  T* cache = reinterpret_cast<T*>(cache_bytes);
-  __shared__ uint64_t arrived[kPieces];
+                                                                int64_t chunk, uint64_t* __restrict__ slots,
+                                                                unsigned* __restrict__ epochs, unsigned* __restrict__ counters) {
+  constexpr int kLoads = kGridItems / VEC;
+  __shared__ Stats total;
   const int64_t row = blockIdx.y;
+  // Thread 0, while the loads are in flight: this launch's epoch and the barrier's phase.
+  const unsigned epoch = threadIdx.x == 0 ? load_relaxed(epochs + row) + 1 : 0;
+  const unsigned phase = threadIdx.x == 0 ? xllm::row_phase(counters + row) : 0;
   const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
-  const Stats st = cache_chunk<T, VEC, BULK, kGridThreads>(logits + row * vocab + begin, n, c, cache, arrived);
-  float2* row_partials = partials + row * gridDim.x;
-  if (threadIdx.x == 0) {
-    row_partials[blockIdx.x] = make_float2(st.m, st.s);
-    xllm::row_barrier(counters + row, gridDim.x, blockIdx.x == 0);
+  auto at = [](int u) { return (u * kGridThreads + static_cast<int>(threadIdx.x)) * VEC; };
+  const T* x = logits + row * vocab + begin;
+  Vec<T, VEC> v[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    if (at(u) < n) v[u] = load<T, VEC>(x + at(u));
+  }
+  float m = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = at(u) < n ? nan_max(m, to_float(v[u].v[j])) : m;
+  }
+  const Stats st = block_stats<kGridThreads>(m, [&](float max) {
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s += at(u) < n ? exp2f((to_float(v[u].v[j]) - max) * c) : 0.f;
+    }
+    return s;
+  });
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp == 0) {
+    const unsigned row_epoch = __shfl_sync(0xffffffff, epoch, 0);
+    uint64_t* row_slots = slots + 2 * row * kGridMaxSplits;
+    if (lane == 0) {
+      publish(row_slots + 2 * blockIdx.x, st, row_epoch);
+      xllm::row_arrive(counters + row, gridDim.x, blockIdx.x == 0);
+      xllm::row_wait(counters + row, phase);
+    }
+    __syncwarp();
+    const Stats r = gather(row_slots, gridDim.x, row_epoch, c);
+    if (lane == 0) {
+      total = r;
+      if (blockIdx.x == 0) store_relaxed(epochs + row, row_epoch);
+    }
   }
   __syncthreads();
-  Stats v{-INFINITY, 0.f};
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += kGridThreads) {
-    const float2 p = __ldcg(row_partials + i);  // from L2: other SMs wrote them
-    v = combine(v, Stats{p.x, p.y}, c);
+  const Stats row_total = total;
+  const float sum_term = inv_or_log_sum<LOG>(row_total);
+  float* y = out + row * vocab + begin;
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    if (at(u) < n) {
+      Vec<float, VEC> r;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) r.v[j] = normalised<LOG>(to_float(v[u].v[j]), row_total, t, c, sum_term);
+      *reinterpret_cast<Vec<float, VEC>*>(y + at(u)) = r;
+    }
   }
-  write_chunk<T, VEC, LOG, kGridThreads>(cache, n, t, c, block_reduce<kGridThreads>(v, c), out + row * vocab + begin);
 }
 
 // Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
@@ -352,47 +495,47 @@ int cluster_size(int sms, int64_t batch, int64_t vocab, int vec, int64_t elem_by
 
 // Elements per block for grid_softmax, 0 when the batch is better served by clusters: the
 // grid path is for rows that want more blocks than a cluster holds (all of the batch's
-// blocks resident at once, at least kGridMinChunk elements each).
-int64_t grid_chunk(int sms, int64_t batch, int64_t vocab, int vec, int64_t elem_bytes) {
-  const int64_t by_gpu = kGridBlocksPerSm * sms / batch;
+// blocks resident at once, at least kGridMinChunk elements each, at most kGridItems a thread).
+int64_t grid_chunk(int sms, int64_t batch, int64_t vocab, int vec) {
+  const int64_t by_gpu = std::min<int64_t>(kGridBlocksPerSm * sms, kGridMaxSplits) / batch;
   const int64_t by_work = (vocab + kGridMinChunk - 1) / kGridMinChunk;
   const int64_t splits = std::min(by_gpu, by_work);
-  if (splits <= kMaxCluster) return 0;
+  if (splits <= kMaxCluster || batch > kGridMaxRows) return 0;
   const int64_t chunk = round_up((vocab + splits - 1) / splits, vec);
-  return chunk * elem_bytes <= kMaxChunkBytes ? chunk : 0;
+  return chunk <= kGridThreads * kGridItems ? chunk : 0;
 }
 
-// The grid path's scratch on each device, made once: a (max, sum) slot per block and a
-// barrier counter per row (zeroed once; the barrier leaves them as it found them).
+// The grid path's scratch on each device, made once and zeroed: a pair of exchange slots per
+// (row, block), an epoch and a barrier counter per row (see publish).
 struct GridScratch {
-  float2* partials;
+  uint64_t* slots;
+  unsigned* epochs;
   unsigned* counters;
 };
 
-GridScratch grid_scratch(int device, int sms) {
+GridScratch grid_scratch(int device) {
   static GridScratch scratch[64];
   static std::once_flag once[64];
   std::call_once(once[device], [&] {
-    const size_t blocks = static_cast<size_t>(kGridBlocksPerSm) * sms;
-    C10_CUDA_CHECK(cudaMalloc(&scratch[device].partials, blocks * sizeof(float2)));
-    C10_CUDA_CHECK(cudaMalloc(&scratch[device].counters, blocks * sizeof(unsigned)));
-    C10_CUDA_CHECK(cudaMemset(scratch[device].counters, 0, blocks * sizeof(unsigned)));
+    const size_t slots = 2 * static_cast<size_t>(kGridMaxRows) * kGridMaxSplits;
+    C10_CUDA_CHECK(cudaMalloc(&scratch[device].slots, slots * sizeof(uint64_t)));
+    C10_CUDA_CHECK(cudaMalloc(&scratch[device].epochs, 2 * kGridMaxRows * sizeof(unsigned)));
+    scratch[device].counters = scratch[device].epochs + kGridMaxRows;
+    C10_CUDA_CHECK(cudaMemset(scratch[device].slots, 0, slots * sizeof(uint64_t)));
+    C10_CUDA_CHECK(cudaMemset(scratch[device].epochs, 0, 2 * kGridMaxRows * sizeof(unsigned)));
   });
   return scratch[device];
 }
 
 template <typename T, int VEC, bool LOG>
-void launch_grid(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int sms,
-                 int64_t chunk) {
+void launch_grid(const torch::Tensor& logits, const float* temp, float temp_scalar, torch::Tensor& out, int64_t chunk) {
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int device = logits.get_device();
-  constexpr auto kernel = grid_softmax<T, VEC, LOG, (VEC > 1)>;
-  xllm::configure_once<kernel>(device, kMaxChunkBytes);
-  const GridScratch scratch = grid_scratch(device, sms);
+  const GridScratch scratch = grid_scratch(device);
   const dim3 grid(static_cast<unsigned>((vocab + chunk - 1) / chunk), static_cast<unsigned>(batch));
-  xllm::launch_with(xllm::cooperative(), kernel, grid, dim3(kGridThreads), static_cast<size_t>(chunk) * sizeof(T),
+  xllm::launch_with(xllm::cooperative(), grid_softmax<T, VEC, LOG>, grid, dim3(kGridThreads), 0,
                     reinterpret_cast<const T*>(logits.data_ptr()), temp, temp_scalar, out.data_ptr<float>(), vocab, chunk,
-                    scratch.partials, scratch.counters);
+                    scratch.slots, scratch.epochs, scratch.counters);
 }
 
 template <typename T, int VEC, bool LOG, int THREADS>
@@ -422,11 +565,11 @@ template <typename T, int VEC>
 void launch(const torch::Tensor& logits, const float* temp, float temp_scalar, bool log, torch::Tensor& out) {
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (const int64_t chunk = grid_chunk(sms, batch, vocab, VEC, sizeof(T)); chunk > 0) {
+  if (const int64_t chunk = grid_chunk(sms, batch, vocab, VEC); chunk > 0) {
     if (log) {
-      launch_grid<T, VEC, true>(logits, temp, temp_scalar, out, sms, chunk);
+      launch_grid<T, VEC, true>(logits, temp, temp_scalar, out, chunk);
     } else {
-      launch_grid<T, VEC, false>(logits, temp, temp_scalar, out, sms, chunk);
+      launch_grid<T, VEC, false>(logits, temp, temp_scalar, out, chunk);
     }
     return;
   }
