@@ -81,9 +81,9 @@ def test_softmax_special_rows_and_unaligned_input(vocab, dtype):
 
 @pytest.mark.parametrize("batch,vocab,dtype", [(1000, 65536, torch.float32), (777, 151936, torch.bfloat16),
                                                (5000, 4000, torch.float16)])
-def test_softmax_clusters_looping_over_rows_keep_every_row_apart(batch, vocab, dtype):
-    """More rows than clusters fit the GPU: each cluster loads its next row while it writes this
-    one. Every row must come out right, special rows among ordinary ones included."""
+def test_softmax_large_batches_keep_every_row_apart(batch, vocab, dtype):
+    """More rows than the GPU holds at once (the clusters run in waves): every row must come out
+    right, special rows (all -inf, a NaN, all equal) among ordinary ones included."""
     logits = (torch.randn(batch, vocab, device="cuda") * 3).to(dtype)
     logits[::97] = float("-inf")
     logits[5::101, 3] = float("nan")
