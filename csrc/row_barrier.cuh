@@ -1,6 +1,9 @@
 // A barrier in global memory for the blocks that share one row, for kernels whose blocks are
-// all resident at once (cooperative launch). Shared by the steps' CUDA sources.
+// all resident at once (cooperative launch), and the relaxed loads and stores it polls with.
+// Shared by the steps' CUDA sources.
 #pragma once
+
+#include <cstdint>
 
 namespace xllm {
 
@@ -19,14 +22,28 @@ __device__ __forceinline__ void row_barrier(unsigned* counter, unsigned blocks, 
   } while (((old ^ now) & 0x80000000u) == 0);
 }
 
+// Loads and stores that other SMs see without ordering anything else (gpu scope, relaxed).
+__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_relaxed(unsigned* p, unsigned v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // The same barrier split in two, with no memory ordering, for data that shows by itself
 // whether it has arrived: row_phase before arriving (the top bit cannot flip until this block
 // has arrived), row_arrive (does not wait for the counter's reply), then row_wait(phase).
-__device__ __forceinline__ unsigned row_phase(const unsigned* counter) {
-  unsigned now;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
-  return now & 0x80000000u;
-}
+__device__ __forceinline__ unsigned row_phase(const unsigned* counter) { return load_relaxed(counter) & 0x80000000u; }
 
 __device__ __forceinline__ void row_arrive(unsigned* counter, unsigned blocks, bool leader) {
   const unsigned add = leader ? 0x80000000u - (blocks - 1) : 1u;

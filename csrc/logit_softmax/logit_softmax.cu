@@ -352,22 +352,8 @@ __global__ void __launch_bounds__(THREADS) cluster_softmax(const T* __restrict__
 __device__ __forceinline__ uint64_t epoch_word(float value, unsigned epoch) {
   return static_cast<uint64_t>(epoch) << 32 | __float_as_uint(value);
 }
-__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
-  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ void store_relaxed(unsigned* p, unsigned v) {
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
+using xllm::load_relaxed;
+using xllm::store_relaxed;
 
 // One lane per call: publish this block's Stats as slot pair `mine` with `epoch`.
 __device__ __forceinline__ void publish(uint64_t* mine, Stats st, unsigned epoch) {
@@ -395,7 +381,7 @@ __device__ Stats gather(const uint64_t* slots, unsigned blocks, unsigned epoch, 
     }
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      if (word[i][0] >> 32 == epoch && word[i][1] >> 32 == epoch) pending &= ~(1u << i);
+      if ((pending >> i & 1) && word[i][0] >> 32 == epoch && word[i][1] >> 32 == epoch) pending &= ~(1u << i);
     }
   }
   Stats r{-INFINITY, 0.f};
