@@ -1,5 +1,6 @@
 // A barrier in global memory for the blocks that share one row, for kernels whose blocks are
-// all resident at once (cooperative launch), and the relaxed loads and stores it polls with.
+// all resident at once (cooperative launch), the relaxed loads and stores it polls with, and a
+// ticket counter (which block of a row finishes last).
 // Shared by the steps' CUDA sources.
 #pragma once
 
@@ -20,6 +21,16 @@ __device__ __forceinline__ void row_barrier(unsigned* counter, unsigned blocks, 
   do {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
   } while (((old ^ now) & 0x80000000u) == 0);
+}
+
+// Take a ticket: add 1 to *counter and return the count before, with acquire and release
+// semantics at gpu scope. Called by thread 0 after a __syncthreads, its release covers the whole
+// block's writes; after the next __syncthreads, the block sees the writes of every block that
+// took an earlier ticket.
+__device__ __forceinline__ unsigned ticket(unsigned* counter) {
+  unsigned old;
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old;
 }
 
 // Loads and stores that other SMs see without ordering anything else (gpu scope, relaxed).

@@ -130,15 +130,19 @@ def test_topk_unsorted_is_the_same_set(batch, vocab, k):
     assert torch.equal(x.gather(-1, indices), values)
 
 
+# (8, 30011): the grid path. (256, 20000): split rows (two blocks a row on an H100), merged by
+# ranking up to 2k keys a split for k <= 128, else by streaming exactly k keys a split.
+@pytest.mark.parametrize("batch,vocab", [(8, 30011), (256, 20000)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_ties_neg_inf_nan_and_smallest(dtype):
-    x = torch.randint(0, 3, (8, 30011), device="cuda").to(dtype)  # heavy ties
+def test_topk_ties_neg_inf_nan_and_smallest(batch, vocab, dtype):
+    x = torch.randint(0, 3, (batch, vocab), device="cuda").to(dtype)  # heavy ties
     x[1] = 0.5  # all equal
     x[2] = float("-inf")
     x[3, ::2] = float("-inf")
     x[4, [5, 900, 30000]] = float("nan")
     x[5, :] = float("nan")
-    for k in (1, 3, 64, 1024):
+    x[6] = torch.randn(vocab, device="cuda").to(dtype)  # few ties
+    for k in (1, 3, 64, 128, 200, 1024):
         for largest in (True, False):
             values, indices = air_topk_last_dim(x, k, largest=largest)
             ref_values, ref_indices = stable_reference(x, k, largest)

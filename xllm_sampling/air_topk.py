@@ -124,7 +124,8 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
     ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order.
     NaN counts as larger than every number, as in ``torch.topk`` (first with ``largest=True``,
     never picked before a number with ``largest=False``). On the CUDA kernel path (k <= 1024)
-    -0.0 ranks just below +0.0 (their bit patterns are ordered); k > 1024 uses ``torch.topk``.
+    -0.0 ranks just below +0.0 (their bit patterns are ordered) and a NaN value comes back as
+    a NaN, not necessarily with the input's payload; k > 1024 uses ``torch.topk``.
     ``cached_output=True`` returns the cached output pair for (device, batch, k, dtype): it is
     overwritten by the next cached call with the same key, so copy it if it must outlive that.
     Flag ``air_topk`` off: ``torch.topk``.

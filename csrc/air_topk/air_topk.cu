@@ -15,16 +15,20 @@
 // one block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
 // and keeps every key at or above its admission bound in a shared-memory buffer. The first
 // tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); once the
-// buffer holds 4 max(k, 64) keys, or could overflow, it is cut to its k largest keys by a radix
-// select (8-bit digits from the top, stopping as soon as the bucket holding the k-th key is taken
-// whole) and the bound rises to that cut: early cuts raise the bound sooner, so fewer keys are
-// admitted. Threads test values against the bound as floats before making any key, and a warp
-// skips a tile, or an item of it, that none of its lanes passes.
-// Other batches that leave the GPU idle split each row over `splits` blocks: each writes its k
-// best keys and its bound to the workspace, and the row's last block to finish (a ticket
-// counter, reset by that block) selects the final k from those splits * k keys, admitting only
-// keys at or above the highest of the splits' bounds. The workspace's counters and histograms
-// are zero when no kernel is running: each call leaves them so.
+// buffer holds 4 max(k, 64) keys, or could overflow, it is cut by a radix select (8-bit digits
+// from the top, stopping at the first digit whose bucket holding the k-th key leaves at most
+// cut_limit(k) keys at or above it, so that ties need no index digits) and the bound rises to
+// that cut: early cuts raise the bound sooner, so fewer keys are admitted. Threads test values
+// against the bound as floats before making any key, and a warp skips a tile, or an item of it,
+// that none of its lanes passes.
+// Other batches that leave the GPU idle split each row over `splits` blocks, and the row's last
+// block to finish (a ticket counter, reset by that block) merges what they leave in the
+// workspace: with few keys (splits * 2k <= kRankMergeMax) each split leaves up to 2k keys that
+// hold its k largest and the last block ranks them all (each key's place is the number of keys
+// above it: sorted, no passes); else each leaves exactly its k largest and its bound, and the last
+// block streams those splits * k keys, admitting only keys at or above the highest bound.
+// Values are written back from the keys (exact, but for NaN payloads). The workspace's counters
+// and histograms are zero when no kernel is running: each call leaves them so.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -43,6 +47,7 @@ constexpr int kMaxK = 1024;
 constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger batches never are)
 constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
 constexpr int64_t kMinChunk = 2048;         // a split block streams at least this many elements
+constexpr int kRankMergeMax = 512;        // a row's splits * 2k keys merged by rank up to this
 constexpr int kBlocksPerSm = 4;             // resident blocks per SM (launch bounds; shared memory allows 5 at k = 1024)
 constexpr int kDigitBits = 11;              // wide digit: the first tile's histogram (sign, exponent, 2 mantissa bits
 constexpr int kBuckets = 1 << kDigitBits;   // of fp32) and the grid path's passes
@@ -54,6 +59,15 @@ __host__ __device__ constexpr int capacity(int k) { return kTile + (2 * k > 1024
 // The buffer is cut to k keys once it holds this many (or earlier, when the next tile could
 // overflow it): every cut raises the admission bound, and a higher bound admits fewer keys.
 __host__ __device__ constexpr int cut_at(int k) { return 4 * (k > 64 ? k : 64); }
+
+// A cut may keep up to this many keys (it needs no more digits once the bucket of the k-th key
+// leaves that few at or above it: ties, which narrow types have many of, need no index digits).
+__host__ __device__ constexpr int cut_limit(int k) { return k + (k / 4 > 16 ? k / 4 : 16); }
+
+// Keys each split block leaves for its row's merge: up to 2k where the row's last block ranks
+// them all (few keys: splits * 2k <= kRankMergeMax), else exactly k.
+__host__ __device__ constexpr bool rank_merge(int64_t splits, int64_t k) { return splits * 2 * k <= kRankMergeMax; }
+__host__ __device__ constexpr int64_t merge_slot(int64_t splits, int64_t k) { return rank_merge(splits, k) ? 2 * k : k; }
 
 // Order-preserving unsigned image of a value; NaN is the largest.
 __device__ __forceinline__ uint64_t value_bits(float x) {
@@ -171,7 +185,7 @@ __device__ int3 find_bucket(Load load, int remaining) {
   return f;
 }
 
-// The split path's dynamic shared memory: the selection's buffer (capacity(k) keys), then k
+// The split path's dynamic shared memory: the selection's buffer (capacity(k) keys), then cut_limit(k)
 // keys of scratch. Declared here, not behind a pointer, so that the compiler knows it is shared
 // memory (shared-memory loads, stores and atomics rather than generic ones).
 extern __shared__ __align__(16) uint64_t selection_keys[];
@@ -198,11 +212,14 @@ __device__ __forceinline__ void append(uint64_t* dst, int* count, uint64_t key, 
   if (take) dst[base + __popc(ballot & ((1u << lane) - 1))] = key;
 }
 
-// Cut buf to its k largest keys (count > k). Returns with count == k and bound raised.
-__device__ void cut_to_k(Selection& s, int k) {
+// The prefix that cuts buf to its k largest keys, or to a few more: radix passes over 8-bit
+// digits from the top, stopping at the first digit whose bucket leaves at most `limit` keys at
+// or above the prefix (limit = k: exactly k, as the keys are distinct). At least k keys of buf
+// are >= the prefix (its low bits are zero), at most `limit`. Needs count > limit.
+__device__ uint64_t find_cut(Selection& s, int k, int limit) {
   const int n = s.count;
   uint64_t prefix = 0, mask = 0;
-  int remaining = k;
+  int remaining = k;  // of the k largest, how many have the prefix (the others are above it)
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) s.hist[b] = 0;
     __syncthreads();
@@ -237,23 +254,36 @@ __device__ void cut_to_k(Selection& s, int k) {
     __syncthreads();
     prefix |= static_cast<uint64_t>(s.found_bucket) << shift;
     mask |= static_cast<uint64_t>(0xFF) << shift;
+    const int at_or_above = k - remaining + s.found_greater + s.found_count;
     remaining -= s.found_greater;
-    const bool whole = s.found_count == remaining;
     __syncthreads();  // everyone has read found_* before the next pass rewrites them
-    if (whole) break;  // keys are distinct, so at the latest the last digit leaves one key
+    if (at_or_above <= limit) break;  // at the latest the last digit leaves k
   }
-  // Keep exactly the keys >= prefix (prefix's low bits are zero): k of them.
-  if (threadIdx.x == 0) s.kept = 0;
-  __syncthreads();
+  return prefix;
+}
+
+// Append the keys of buf at or above `prefix` to dst, counting them in *kept (zero before).
+__device__ void keep(Selection& s, uint64_t prefix, uint64_t* dst, int* kept) {
+  const int n = s.count;
   for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {
     const uint64_t key = i < n ? s.buf()[i] : 0;
-    append(s.aux(k), &s.kept, key, i < n && key >= prefix);
+    append(dst, kept, key, i < n && key >= prefix);
   }
+}
+
+// Cut buf to its k largest keys, or up to `limit` keys that hold them (count > limit), and
+// raise the bound to the cut.
+__device__ void cut(Selection& s, int k, int limit) {
+  const uint64_t prefix = find_cut(s, k, limit);
+  if (threadIdx.x == 0) s.kept = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += kThreads) s.buf()[i] = s.aux(k)[i];
+  keep(s, prefix, s.aux(k), &s.kept);
+  __syncthreads();
+  const int kept = s.kept;
+  for (int i = threadIdx.x; i < kept; i += kThreads) s.buf()[i] = s.aux(k)[i];
   if (threadIdx.x == 0) {
-    s.count = k;
-    s.bound = prefix;
+    s.count = kept;
+    s.bound = max(s.bound, prefix);
   }
   __syncthreads();
 }
@@ -392,7 +422,7 @@ __device__ void stream(Selection& s, int k, Source& source) {
     const int count = s.count;
     __syncthreads();  // every thread decides on the same count before any admits into this tile
     if (count == 0 && base == source.begin) seed_bound(s, k, source);
-    if (count + kTile > cap || count >= cut_at(k)) cut_to_k(s, k);
+    if (count + kTile > cap || count >= cut_at(k)) cut(s, k, cut_limit(k));
     admit(s, source, s.bound);
     __syncthreads();
   }
@@ -432,13 +462,31 @@ __device__ void sort_descending(uint64_t* buf, int k) {
   }
 }
 
+// The k largest of keys[0, n), in descending order, to values[0, k) and indices[0, k): each
+// key's place is the number of keys above it (the keys are distinct, but for zeros, which
+// never place while k real keys are there), so there are no sorting passes: n compares a key.
+template <typename T>
+__device__ void write_by_rank(const uint64_t* keys, int n, int k, uint64_t flip, T* __restrict__ values,
+                              int64_t* __restrict__ indices) {
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const uint64_t key = keys[i];
+    int place = 0;
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) place += keys[j] > key;
+    if (place < k) {
+      values[place] = Key<T>::value_of(key, flip);
+      indices[place] = index_of(key);
+    }
+  }
+}
+
 struct Args {
   int64_t vocab, chunk;
   int k, splits;
   uint64_t flip;
   bool sorted;
   unsigned int* tickets;  // batch counters, zero between calls
-  uint64_t* partial;      // batch * splits * k keys
+  uint64_t* partial;      // batch * splits * slot keys (slot: 2k when ranked, else k)
   uint64_t* bounds;       // batch * splits admission bounds: at least k keys of the row are >= each
   int64_t* indices;       // batch * k
 };
@@ -458,22 +506,38 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
   const int64_t begin = blockIdx.y * a.chunk, end = min(begin + a.chunk, a.vocab);
   LogitKeys<T, VEC> logits{xr, begin, end, a.flip};
   stream(s, k, logits);
-  if (s.count > k) cut_to_k(s, k);
   if (a.splits > 1) {
-    uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * k;
-    for (int i = threadIdx.x; i < k; i += kThreads) mine[i] = i < s.count ? s.buf()[i] : 0;
-    if (threadIdx.x == 0) a.bounds[row * a.splits + blockIdx.y] = s.bound;
-    __threadfence();
+    // Few keys for the row: each split leaves its k largest keys, or up to 2k keys that hold
+    // them (a shorter cut), and the last block ranks them all; else exactly k and a bound.
+    const bool rank = rank_merge(a.splits, k);
+    const int slot = static_cast<int>(merge_slot(a.splits, k));
+    uint64_t* mine = a.partial + (row * a.splits + blockIdx.y) * slot;
+    const uint64_t prefix = s.count > slot ? find_cut(s, k, slot) : 0;
+    if (threadIdx.x == 0) {
+      s.kept = 0;
+      a.bounds[row * a.splits + blockIdx.y] = max(prefix, s.bound);
+    }
+    __syncthreads();
+    keep(s, prefix, mine, &s.kept);
+    __syncthreads();
+    for (int i = s.kept + threadIdx.x; i < slot; i += kThreads) mine[i] = 0;
     __syncthreads();
     if (threadIdx.x == 0) {
-      last = atomicAdd(&a.tickets[row], 1u) == static_cast<unsigned>(a.splits - 1);
+      last = xllm::ticket(&a.tickets[row]) == static_cast<unsigned>(a.splits - 1);
       if (last) a.tickets[row] = 0;
       s.count = 0;
       s.bound = 1;
     }
     __syncthreads();
     if (!last) return;
-    __threadfence();
+    const int n = a.splits * slot;
+    if (rank) {  // sorted for free
+      for (int i = threadIdx.x; i < n; i += kThreads) {
+        s.buf()[i] = __ldcg(reinterpret_cast<const unsigned long long*>(a.partial + row * n + i));
+      }
+      __syncthreads();
+      return write_by_rank(s.buf(), n, k, a.flip, values + row * k, a.indices + row * k);
+    }
     // Every split kept its k keys at or above its bound, so the highest bound is one for the row.
     for (int i = threadIdx.x; i < a.splits; i += kThreads) {
       atomicMax(reinterpret_cast<unsigned long long*>(&s.bound),
@@ -482,13 +546,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     __syncthreads();
     StoredKeys partial{a.partial + row * a.splits * k, 0, static_cast<int64_t>(a.splits) * k};
     stream(s, k, partial);
-    if (s.count > k) cut_to_k(s, k);
   }
+  if (s.count > k) cut(s, k, k);
   if (a.sorted) sort_descending(s.buf(), k);
   for (int i = threadIdx.x; i < k; i += kThreads) {
-    const int64_t index = index_of(s.buf()[i]);
-    values[row * k + i] = xr[index];
-    a.indices[row * k + i] = index;
+    values[row * k + i] = Key<T>::value_of(s.buf()[i], a.flip);
+    a.indices[row * k + i] = index_of(s.buf()[i]);
   }
 }
 
@@ -588,28 +651,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   for (int i = 0; i < kItems; ++i) append(row_winners, &g.winners, keys[i], keys[i] != 0 && keys[i] >= prefix);
   __syncthreads();
   if (tid == 0) {
-    unsigned ticket;
-    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(ticket) : "l"(&g.ticket) : "memory");
-    last = ticket == gridDim.x - 1;
+    last = xllm::ticket(&g.ticket) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
   for (int i = tid; i < a.k; i += kThreads) winners[i] = __ldcg(reinterpret_cast<const unsigned long long*>(row_winners + i));
   __syncthreads();
-  // Sorted, up to kRankSortMaxK keys: each key's place is the number of keys above it (distinct
-  // keys: a permutation), with no sorting passes; more keys: a bitonic sort in place.
-  const bool rank_sort = a.sorted && a.k <= kRankSortMaxK;
-  if (a.sorted && !rank_sort) sort_descending(winners, a.k);
-  for (int i = tid; i < a.k; i += kThreads) {
-    const uint64_t key = winners[i];
-    int place = i;
-    if (rank_sort) {
-      place = 0;
-#pragma unroll 8
-      for (int j = 0; j < a.k; ++j) place += winners[j] > key;
+  // Sorted, up to kRankSortMaxK keys: by rank; more keys: a bitonic sort in place.
+  if (a.sorted && a.k <= kRankSortMaxK) {
+    write_by_rank(winners, a.k, a.k, a.flip, values + row * a.k, a.indices + row * a.k);
+  } else {
+    if (a.sorted) sort_descending(winners, a.k);
+    for (int i = tid; i < a.k; i += kThreads) {
+      values[row * a.k + i] = Key<T>::value_of(winners[i], a.flip);
+      a.indices[row * a.k + i] = index_of(winners[i]);
     }
-    values[row * a.k + place] = Key<T>::value_of(key, a.flip);
-    a.indices[row * a.k + place] = index_of(key);
   }
   // Every block is past every barrier and has appended: leave the row's scratch zero.
   for (int b = tid; b < kHistograms * kBuckets; b += kThreads) (&g.hist[0][0])[b] = 0;
@@ -620,7 +676,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   }
 }
 
-size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + k) * sizeof(uint64_t); }
+size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + cut_limit(k)) * sizeof(uint64_t); }
 
 struct Plan {
   bool grid;              // the grid path: every block of the batch resident, one tile each
@@ -685,7 +741,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
     auto* base = static_cast<unsigned char*>(workspace.data_ptr()) + kGridBytes;
     a.tickets = reinterpret_cast<unsigned int*>(base);
     a.partial = reinterpret_cast<uint64_t*>(base + kTicketBytes);
-    a.bounds = a.partial + batch * splits * k;
+    a.bounds = a.partial + batch * splits * merge_slot(splits, k);
   }
   const size_t smem = shared_bytes(static_cast<int>(k));
   constexpr auto kernel = topk_kernel<T, VEC>;
@@ -713,7 +769,8 @@ void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, 
 int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
   const Plan p = plan(batch, vocab, k, static_cast<int>(device));
   if (p.grid) return kGridBytes;
-  return p.splits > 1 ? kGridBytes + kTicketBytes + batch * p.splits * (k + 1) * static_cast<int64_t>(sizeof(uint64_t)) : 0;
+  const int64_t keys = batch * p.splits * (merge_slot(p.splits, k) + 1);  // partial keys, then bounds
+  return p.splits > 1 ? kGridBytes + kTicketBytes + keys * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
 
 void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<torch::Tensor> workspace,
