@@ -47,7 +47,7 @@ constexpr int kMaxK = 1024;
 constexpr int kMaxTicketRows = 4096;        // rows that may be split (larger batches never are)
 constexpr int64_t kTicketBytes = kMaxTicketRows * sizeof(unsigned int);
 constexpr int64_t kMinChunk = 2048;         // a split block streams at least this many elements
-constexpr int kRankMergeMax = 512;        // a row's splits * 2k keys merged by rank up to this
+constexpr int kRankMergeMax = 512;          // a row's splits * 2k keys merged by rank up to this
 constexpr int kBlocksPerSm = 4;             // resident blocks per SM (launch bounds; shared memory allows 5 at k = 1024)
 constexpr int kDigitBits = 11;              // wide digit: the first tile's histogram (sign, exponent, 2 mantissa bits
 constexpr int kBuckets = 1 << kDigitBits;   // of fp32) and the grid path's passes
@@ -185,9 +185,9 @@ __device__ int3 find_bucket(Load load, int remaining) {
   return f;
 }
 
-// The split path's dynamic shared memory: the selection's buffer (capacity(k) keys), then cut_limit(k)
-// keys of scratch. Declared here, not behind a pointer, so that the compiler knows it is shared
-// memory (shared-memory loads, stores and atomics rather than generic ones).
+// The split path's dynamic shared memory: the selection's buffer (capacity(k) keys), then
+// cut_limit(k) keys of scratch. Declared here, not behind a pointer, so that the compiler knows
+// it is shared memory (shared-memory loads, stores and atomics rather than generic ones).
 extern __shared__ __align__(16) uint64_t selection_keys[];
 
 // The shared state of one block's selection.
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     const uint64_t prefix = s.count > slot ? find_cut(s, k, slot) : 0;
     if (threadIdx.x == 0) {
       s.kept = 0;
-      a.bounds[row * a.splits + blockIdx.y] = max(prefix, s.bound);
+      if (!rank) a.bounds[row * a.splits + blockIdx.y] = max(prefix, s.bound);
     }
     __syncthreads();
     keep(s, prefix, mine, &s.kept);
