@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     const uint64_t prefix = s.count > slot ? find_cut(s, k, slot) : 0;
     if (threadIdx.x == 0) {
       s.kept = 0;
-      if (!rank) a.bounds[row * a.splits + blockIdx.y] = max(prefix, s.bound);
+      a.bounds[row * a.splits + blockIdx.y] = max(prefix, s.bound);  // read by the streaming merge only
     }
     __syncthreads();
     keep(s, prefix, mine, &s.kept);
