@@ -130,9 +130,11 @@ def test_topk_unsorted_is_the_same_set(batch, vocab, k):
     assert torch.equal(x.gather(-1, indices), values)
 
 
-# (8, 30011): the grid path. (256, 20000): split rows (two blocks a row on an H100), merged by
-# ranking up to 2k keys a split for k <= 128, else by streaming exactly k keys a split.
-@pytest.mark.parametrize("batch,vocab", [(8, 30011), (256, 20000)])
+# On an H100: (8, 30011) takes the grid path at one tile a block; (20, 100003) and (48, 30011)
+# split rows for small k and take the grid path with 21 and 15 elements a thread for k >= 128
+# and 200; (256, 20000) split rows (two blocks a row), merged by ranking up to 2k keys a split
+# for k <= 128, else by streaming exactly k keys a split.
+@pytest.mark.parametrize("batch,vocab", [(8, 30011), (20, 100003), (48, 30011), (256, 20000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_ties_neg_inf_nan_and_smallest(batch, vocab, dtype):
     x = torch.randint(0, 3, (batch, vocab), device="cuda").to(dtype)  # heavy ties
@@ -161,7 +163,7 @@ def test_topk_large_k_and_noncontiguous_input_fall_back_correctly():
 
 def test_topk_repeated_calls_allocate_nothing_on_the_device():
     clear_caches()
-    x = torch.randn(4, 151936, device="cuda")  # small batch: a split row, so a workspace is used
+    x = torch.randn(4, 151936, device="cuda")  # small batch: the grid path, whose scratch is the workspace
     air_topk_last_dim(x, 50, cached_output=True)
     torch.cuda.synchronize()
     before, allocations = counters(), torch.cuda.memory_stats()["allocation.all.allocated"]

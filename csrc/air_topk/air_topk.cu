@@ -9,9 +9,10 @@
 // The keys are distinct, so "the k largest keys" is exactly torch.topk's set with ties broken
 // by the lower index, and sorting the winners by key gives torch.topk(sorted=True)'s order.
 //
-// Small batches whose rows fit one tile per block in one wave of the GPU take the grid path
-// (grid_topk_kernel, below): all of a row's blocks select together through a histogram in global
-// memory, so that no block works through the row or a merge alone. Otherwise:
+// Small batches whose rows fit the GPU's resident blocks at one tile a block (or, for large k,
+// at up to kGridItems elements a thread) take the grid path (grid_topk_kernel, below): all of a
+// row's blocks select together through a histogram in global memory, so that no block works
+// through the row or a merge alone. Otherwise:
 // one block streams its stretch of a row once, in tiles of kTile elements (16-byte loads),
 // and keeps every key at or above its admission bound in a shared-memory buffer. The first
 // tile's 11-bit histogram seeds the bound (the lowest bucket edge that k keys reach); once the
@@ -24,8 +25,8 @@
 // Other batches that leave the GPU idle split each row over `splits` blocks, and the row's last
 // block to finish (a ticket counter, reset by that block) merges what they leave in the
 // workspace: with few keys (splits * 2k <= kRankMergeMax) each split leaves up to 2k keys that
-// hold its k largest and the last block ranks them all (each key's place is the number of keys
-// above it: sorted, no passes); else each leaves exactly its k largest and its bound, and the last
+// hold its k largest and the last block ranks those it left (each key's place is the number of
+// keys above it: sorted, no passes); else each leaves exactly its k largest and its bound, and the last
 // block streams those splits * k keys, admitting only keys at or above the highest bound.
 // Values are written back from the keys (exact, but for NaN payloads). The workspace's counters
 // and histograms are zero when no kernel is running: each call leaves them so.
@@ -288,9 +289,9 @@ __device__ void cut(Selection& s, int k, int limit) {
   __syncthreads();
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int ITEMS = kItems>
 struct Tile {
-  static constexpr int kLoads = kItems / VEC;
+  static constexpr int kLoads = ITEMS / VEC;
   T v[kLoads][VEC];
 
   // Where this thread's element (u, j) lies in a tile (VEC per 16-byte load, loads kThreads * VEC apart).
@@ -463,8 +464,8 @@ __device__ void sort_descending(uint64_t* buf, int k) {
 }
 
 // The k largest of keys[0, n), in descending order, to values[0, k) and indices[0, k): each
-// key's place is the number of keys above it (the keys are distinct, but for zeros, which
-// never place while k real keys are there), so there are no sorting passes: n compares a key.
+// key's place is the number of keys above it (the keys are distinct), so there are no sorting
+// passes: n compares a key.
 template <typename T>
 __device__ void write_by_rank(const uint64_t* keys, int n, int k, uint64_t flip, T* __restrict__ values,
                               int64_t* __restrict__ indices) {
@@ -532,11 +533,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
     if (!last) return;
     const int n = a.splits * slot;
     if (rank) {  // sorted for free
-      for (int i = threadIdx.x; i < n; i += kThreads) {
-        s.buf()[i] = __ldcg(reinterpret_cast<const unsigned long long*>(a.partial + row * n + i));
+      for (int i = threadIdx.x; i < round_up(n, kThreads); i += kThreads) {  // the non-empty slots only
+        const uint64_t key = i < n ? __ldcg(reinterpret_cast<const unsigned long long*>(a.partial + row * n + i)) : 0;
+        append(s.buf(), &s.count, key, key != 0);
       }
       __syncthreads();
-      return write_by_rank(s.buf(), n, k, a.flip, values + row * k, a.indices + row * k);
+      return write_by_rank(s.buf(), s.count, k, a.flip, values + row * k, a.indices + row * k);
     }
     // Every split kept its k keys at or above its bound, so the highest bound is one for the row.
     for (int i = threadIdx.x; i < a.splits; i += kThreads) {
@@ -557,16 +559,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
 
 // -- Small batches: the whole row at once over the whole GPU --------------------------------
 //
-// Each block holds one tile of the row in registers as keys; all of the row's blocks (every
-// block resident: cooperative launch) run the radix select together, digit by digit from the
-// top (11-bit digits over the value bits, then over the index bits, which only ties reach):
-// each block counts its keys of the surviving prefix in shared memory and adds the counts to the
+// Each block holds its chunk of the row (up to kGridItems elements a thread) in registers; all
+// of the row's blocks (every block resident: cooperative launch) run the radix select together,
+// digit by digit from the top (11-bit digits over the value bits, then over the index bits,
+// which only ties reach): each block counts its keys of the surviving prefix in shared memory and adds the counts to the
 // row's histogram in global memory, the row's blocks meet at a barrier, and each reads the
 // histogram and finds the bucket holding the k-th key. As soon as that bucket is taken whole,
 // the k keys at or above the prefix are the answer: each block appends its own to the row's
 // list, and the last block to finish sorts the list and writes the outputs.
 
-constexpr int kGridRows = 32;               // the grid path takes batches up to this
+constexpr int kGridRows = 64;               // the grid path takes batches up to this
+constexpr int kGridItems = 32;              // elements a thread at most on the wide grid path (held in registers)
+constexpr int kGridBlocksPerSm = 3;         // its resident blocks per SM (launch bounds: registers for the values)
+constexpr int kGridLargeK = 256;            // it serves k from this on (where the batch fits),
+constexpr int kGridMergeKeys = 2048;        // and smaller k whose split rows would merge more keys than this
 constexpr int kHistograms = 3;              // passes rotate over three: one filling, one read, one zeroed
 constexpr int kRankSortMaxK = 256;          // sorted output by ranks up to this k (one key a thread)
 
@@ -582,7 +588,7 @@ struct GridRow {
 constexpr int64_t kGridBytes = kGridRows * (sizeof(GridRow) + kMaxK * sizeof(uint64_t));
 
 struct GridArgs {
-  int64_t vocab, chunk;  // chunk <= kTile: one tile per block
+  int64_t vocab, chunk;  // chunk <= kThreads * kGridItems
   int k;
   uint64_t flip;
   bool sorted;
@@ -591,28 +597,43 @@ struct GridArgs {
   int64_t* indices;       // batch * k
 };
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const T* __restrict__ x, T* __restrict__ values,
-                                                                           GridArgs a) {
+// This thread's elements of a block's chunk [begin, begin + n) of the row, held as the high
+// halves of their keys (the value's ordered bits); the low half, ~index, follows from the place.
+// Elements past the chunk come in whole loads of the block, so loops stop at the first such load.
+template <typename T, int VEC, int ITEMS>
+struct ChunkKeys {
+  using Values = Tile<T, VEC, ITEMS>;
+  uint32_t high[ITEMS];
+  int64_t begin;
+  int n;
+
+  __device__ __forceinline__ void load(const T* __restrict__ chunk, uint64_t flip) {
+    Values tile;
+    tile.load(chunk, n);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) high[i] = static_cast<uint32_t>(Key<T>::make(tile.v[i / VEC][i % VEC], 0, flip) >> 32);
+  }
+  __device__ __forceinline__ bool past(int i) const { return (i / VEC) * kThreads * VEC >= n; }  // the whole block's
+  __device__ __forceinline__ bool exists(int i) const { return Values::offset(i / VEC, i % VEC) < n; }
+  __device__ __forceinline__ uint32_t low(int i) const { return ~static_cast<uint32_t>(begin + Values::offset(i / VEC, i % VEC)); }
+  __device__ __forceinline__ uint64_t key(int i) const { return static_cast<uint64_t>(high[i]) << 32 | low(i); }
+};
+
+// ITEMS: elements a thread at most; one tile's worth (kItems) keeps kBlocksPerSm blocks an SM.
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kThreads, ITEMS == kItems ? kBlocksPerSm : kGridBlocksPerSm)
+    grid_topk_kernel(const T* __restrict__ x, T* __restrict__ values, GridArgs a) {
   __shared__ int hist[kBuckets];
   __shared__ uint64_t winners[kMaxK];
   __shared__ bool last;
   const int tid = threadIdx.x, lane = tid & 31;
   const int64_t row = blockIdx.y;
   GridRow& g = a.rows[row];
-  const T* xr = x + row * a.vocab;
-  const int64_t begin = blockIdx.x * a.chunk, end = min(begin + a.chunk, a.vocab);
-  uint64_t keys[kItems];  // 0: no element
-  {
-    Tile<T, VEC> tile;
-    const int n = static_cast<int>(end - begin);
-    tile.load(xr + begin, n);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int u = i / VEC, j = i % VEC, at = Tile<T, VEC>::offset(u, j);
-      keys[i] = at < n ? Key<T>::make(tile.v[u][j], begin + at, a.flip) : 0;
-    }
-  }
+  const int64_t begin = blockIdx.x * a.chunk;
+  ChunkKeys<T, VEC, ITEMS> chunk;
+  chunk.begin = begin;
+  chunk.n = static_cast<int>(min(begin + a.chunk, a.vocab) - begin);
+  chunk.load(x + row * a.vocab + begin, a.flip);
   uint64_t prefix = 0, mask = 0;  // the bits of the k-th key found so far
   int remaining = a.k;            // of the k, how many have the prefix
   for (int pass = 0, hi = 64;; ++pass) {
@@ -624,10 +645,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
       for (int b = tid; b < kBuckets; b += kThreads) g.hist[(pass + 1) % kHistograms][b] = 0;
     }
     __syncthreads();
+    // Value digits read the high halves only; index digits (ties) the low halves too.
+    const uint32_t prefix_high = prefix >> 32, mask_high = mask >> 32;
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const bool in = keys[i] != 0 && (keys[i] & mask) == prefix;
-      const int bucket = in ? static_cast<int>((keys[i] >> lo) & digit) : kBuckets;
+    for (int i = 0; i < ITEMS; ++i) {
+      if (chunk.past(i)) break;
+      const uint32_t h = chunk.high[i];
+      bool in = chunk.exists(i) && (h & mask_high) == prefix_high;
+      uint32_t bits;
+      if (lo >= 32) {
+        bits = h >> (lo - 32);
+      } else {
+        const uint32_t l = chunk.low(i);
+        in = in && (l & static_cast<uint32_t>(mask)) == static_cast<uint32_t>(prefix);
+        bits = l >> lo;
+      }
+      const int bucket = in ? static_cast<int>(bits & digit) : kBuckets;
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, bucket);
       if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bucket], __popc(peers));
     }
@@ -648,7 +681,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
   // The k keys >= prefix (its low bits are zero) are the answer.
   uint64_t* row_winners = a.winners + row * a.k;
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) append(row_winners, &g.winners, keys[i], keys[i] != 0 && keys[i] >= prefix);
+  for (int i = 0; i < ITEMS; ++i) {
+    if (chunk.past(i)) break;
+    append(row_winners, &g.winners, chunk.key(i), chunk.exists(i) && chunk.key(i) >= prefix);
+  }
   __syncthreads();
   if (tid == 0) {
     last = xllm::ticket(&g.ticket) == gridDim.x - 1;
@@ -679,28 +715,37 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) grid_topk_kernel(const
 size_t shared_bytes(int k) { return static_cast<size_t>(capacity(k) + cut_limit(k)) * sizeof(uint64_t); }
 
 struct Plan {
-  bool grid;              // the grid path: every block of the batch resident, one tile each
+  int grid_items;         // the grid path, at most this many elements a thread (every block resident); 0: split
   int64_t splits, chunk;  // blocks per row, elements per block (a multiple of every vector width)
 };
 
-// The grid path when the whole batch fits one tile per block in one wave; else blocks per row
-// as many as run at once on the GPU (one wave), each streaming at least kMinChunk elements and
-// at least 16 k, so that merging splits * k keys stays cheaper than the row.
+// The grid path when the batch fits the GPU's resident blocks (one wave) at one tile a block.
+// Else blocks per row as many as run at once on the GPU (one wave), each streaming at least
+// kMinChunk elements and at least 16 k, so that merging splits * k keys stays cheaper than the
+// row; but where k is large or that merge would still take many keys, the grid path with up to
+// kGridItems elements a thread if the batch fits (measured on the H100, k = 1024, B = 16,
+// V = 151936: 55 us against 105).
 Plan plan(int64_t batch, int64_t vocab, int64_t k, int device) {
   const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t tiles = (vocab + kTile - 1) / kTile;
-  if (tiles > 1 && batch <= kGridRows && batch * tiles <= kBlocksPerSm * sms) {
-    const int64_t chunk = round_up((vocab + tiles - 1) / tiles, 16);  // <= kTile
-    return {true, (vocab + chunk - 1) / chunk, chunk};
-  }
+  auto grid = [&](int items, int64_t blocks_per_sm) -> Plan {  // grid_items 0: the batch does not fit
+    const int64_t blocks = std::min(blocks_per_sm * sms / batch, tiles);
+    if (batch > kGridRows || blocks < 2) return {0, 0, 0};
+    const int64_t chunk = round_up((vocab + blocks - 1) / blocks, 16);
+    return {chunk <= kThreads * items ? items : 0, (vocab + chunk - 1) / chunk, chunk};
+  };
+  if (const Plan p = grid(kItems, kBlocksPerSm); p.grid_items) return p;
   int64_t splits = 1;
   if (batch <= kMaxTicketRows) {
     const int64_t by_gpu = kBlocksPerSm * sms / batch;
     const int64_t by_size = vocab / std::max<int64_t>(kMinChunk, 16 * k);
     splits = std::max<int64_t>(1, std::min(by_gpu, by_size));
   }
+  if (k >= kGridLargeK || splits * k > kGridMergeKeys) {
+    if (const Plan p = grid(kGridItems, kGridBlocksPerSm); p.grid_items) return p;
+  }
   const int64_t chunk = round_up((vocab + splits - 1) / splits, 16);
-  return {false, (vocab + chunk - 1) / chunk, chunk};  // rounding the chunk up may leave fewer blocks
+  return {0, (vocab + chunk - 1) / chunk, chunk};  // rounding the chunk up may leave fewer blocks
 }
 
 // Workspace layout: the grid path's rows and winners (kGridBytes), the split path's tickets
@@ -718,7 +763,8 @@ void launch_grid(const torch::Tensor& x, int64_t k, bool largest, bool sorted, c
   a.winners = reinterpret_cast<uint64_t*>(a.rows + kGridRows);
   a.indices = indices.data_ptr<int64_t>();
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(x.size(0)));
-  xllm::launch_with(xllm::cooperative(), grid_topk_kernel<T, VEC>, grid, dim3(kThreads), 0,
+  const auto kernel = p.grid_items == kItems ? grid_topk_kernel<T, VEC, kItems> : grid_topk_kernel<T, VEC, kGridItems>;
+  xllm::launch_with(xllm::cooperative(), kernel, grid, dim3(kThreads), 0,
                     reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(values.data_ptr()), a);
 }
 
@@ -727,7 +773,7 @@ void launch(const torch::Tensor& x, int64_t k, bool largest, bool sorted, torch:
             torch::Tensor& values, torch::Tensor& indices) {
   const int64_t batch = x.size(0), vocab = x.size(1);
   const Plan p = plan(batch, vocab, k, x.get_device());
-  if (p.grid) return launch_grid<T, VEC>(x, k, largest, sorted, p, workspace, values, indices);
+  if (p.grid_items) return launch_grid<T, VEC>(x, k, largest, sorted, p, workspace, values, indices);
   const int64_t splits = p.splits;
   Args a{};
   a.vocab = vocab;
@@ -767,8 +813,9 @@ void dispatch_vec(const torch::Tensor& x, int64_t k, bool largest, bool sorted, 
 
 // Bytes of workspace one call with this shape needs on `device` (0: none).
 int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) {
+  TORCH_CHECK(batch >= 1 && vocab >= 1 && k >= 1, "batch, vocab, k: at least 1 each");
   const Plan p = plan(batch, vocab, k, static_cast<int>(device));
-  if (p.grid) return kGridBytes;
+  if (p.grid_items) return kGridBytes;
   const int64_t keys = batch * p.splits * (merge_slot(p.splits, k) + 1);  // partial keys, then bounds
   return p.splits > 1 ? kGridBytes + kTicketBytes + keys * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
@@ -784,6 +831,7 @@ void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<t
   TORCH_CHECK(indices.is_contiguous() && indices.scalar_type() == torch::kInt64 && indices.size(0) == x.size(0) &&
                   indices.size(1) == k,
               "indices: contiguous (batch, k) int64 tensor");
+  if (x.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t need = workspace_size(x.size(0), x.size(1), k, x.get_device());
   torch::Tensor ws;
@@ -792,7 +840,6 @@ void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<t
                 "workspace: at least ", need, " bytes on x's device, zero-filled before first use");
     ws = *workspace;
   }
-  if (x.size(0) == 0) return;
   switch (x.scalar_type()) {
     case torch::kFloat32: dispatch_vec<float>(x, k, largest, sorted, ws, values, indices); break;
     case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(x, k, largest, sorted, ws, values, indices); break;
