@@ -8,16 +8,18 @@
 
 namespace xllm {
 
+// What one of a row's `blocks` blocks adds to the row's counter on arriving: the leader
+// 2^31 - (blocks - 1), the others 1; together 2^31, so the top bit of the counter flips once
+// every block has arrived and its low bits come back to where they were. The counter needs no
+// reset between launches (CUDA graph replays included).
+__device__ __forceinline__ unsigned arrival(unsigned blocks, bool leader) { return leader ? 0x80000000u - (blocks - 1) : 1u; }
+
 // Thread 0 of each of the row's `blocks` blocks calls this (after a __syncthreads, so that its
-// release covers the whole block's writes); it returns once all have arrived.
-// The leader adds 2^31 - (blocks - 1), the others 1: together 2^31, so the top bit of the
-// counter flips once every block has arrived and its low bits come back to where they were.
-// The counter needs no reset between launches (CUDA graph replays included). Writes made
+// release covers the whole block's writes); it returns once all have arrived. Writes made
 // before the call are visible to every block after it.
 __device__ __forceinline__ void row_barrier(unsigned* counter, unsigned blocks, bool leader) {
-  const unsigned add = leader ? 0x80000000u - (blocks - 1) : 1u;
   unsigned old, now;
-  asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(add) : "memory");
+  asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(arrival(blocks, leader)) : "memory");
   do {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
   } while (((old ^ now) & 0x80000000u) == 0);
@@ -57,8 +59,7 @@ __device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
 __device__ __forceinline__ unsigned row_phase(const unsigned* counter) { return load_relaxed(counter) & 0x80000000u; }
 
 __device__ __forceinline__ void row_arrive(unsigned* counter, unsigned blocks, bool leader) {
-  const unsigned add = leader ? 0x80000000u - (blocks - 1) : 1u;
-  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(add) : "memory");
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(arrival(blocks, leader)) : "memory");
 }
 
 __device__ __forceinline__ void row_wait(const unsigned* counter, unsigned phase) {

@@ -26,8 +26,9 @@
 // block to finish (a ticket counter, reset by that block) merges what they leave in the
 // workspace: with few keys (splits * 2k <= kRankMergeMax) each split leaves up to 2k keys that
 // hold its k largest and the last block ranks those it left (each key's place is the number of
-// keys above it: sorted, no passes); else each leaves exactly its k largest and its bound, and the last
-// block streams those splits * k keys, admitting only keys at or above the highest bound.
+// keys above it: sorted, no passes); else each leaves exactly its k largest and its bound, and
+// the last block streams those splits * k keys, admitting only keys at or above the highest
+// bound.
 // Values are written back from the keys (exact, but for NaN payloads). The workspace's counters
 // and histograms are zero when no kernel is running: each call leaves them so.
 #include <ATen/cuda/CUDAContext.h>
@@ -562,9 +563,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
 // Each block holds its chunk of the row (up to kGridItems elements a thread) in registers; all
 // of the row's blocks (every block resident: cooperative launch) run the radix select together,
 // digit by digit from the top (11-bit digits over the value bits, then over the index bits,
-// which only ties reach): each block counts its keys of the surviving prefix in shared memory and adds the counts to the
-// row's histogram in global memory, the row's blocks meet at a barrier, and each reads the
-// histogram and finds the bucket holding the k-th key. As soon as that bucket is taken whole,
+// which only ties reach): each block counts its keys of the surviving prefix in shared memory
+// and adds the counts to the row's histogram in global memory, the row's blocks meet at a
+// barrier, and each reads the histogram and finds the bucket holding the k-th key. As soon as that bucket is taken whole,
 // the k keys at or above the prefix are the answer: each block appends its own to the row's
 // list, and the last block to finish sorts the list and writes the outputs.
 
