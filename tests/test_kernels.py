@@ -153,6 +153,14 @@ def test_topk_ties_neg_inf_nan_and_smallest(batch, vocab, dtype):
             assert torch.equal(values.nan_to_num(7.0), ref_values.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("batch,vocab,k", [(0, 1000, 10), (-1, 1000, 10), (4, 0, 10), (4, 1000, 0)])
+def test_topk_workspace_size_rejects_empty_shapes_by_name(batch, vocab, k):
+    # The Python op rejects empty tensors first; the extension's own entry point must not size
+    # (or divide by) an empty plan either.
+    with pytest.raises(RuntimeError, match="batch, vocab, k: at least 1 each"):
+        kernels.load("air_topk").workspace_size(batch, vocab, k, torch.cuda.current_device())
+
+
 def test_topk_large_k_and_noncontiguous_input_fall_back_correctly():
     x = torch.randn(3, 5000, device="cuda")
     values, indices = air_topk_last_dim(x, 2000)  # above the kernel's 1024: torch.topk
