@@ -4,6 +4,8 @@ import torch
 
 import xllm_sampling
 from engine import sampling
+from engine.decode import Engine
+from engine.sampling import SamplingParams
 from xllm_sampling import flags
 
 SHAPES = [(1, 1), (1, 7), (3, 1000), (4, 32001), (2, 151936)]
@@ -53,3 +55,21 @@ def test_neg_inf_gives_zero_and_bad_rows_follow_torch(device):
     expected = torch.softmax(logits, -1)
     assert torch.equal(probs[1:3].isnan(), expected[1:3].isnan()) and probs[1:3].isnan().all()
     assert torch.allclose(probs[3], expected[3], atol=1e-6)
+
+
+def test_decode_loop_calls_the_op_and_keeps_the_greedy_tokens(device, spy):
+    """The engine's greedy decode loop, asked for top log-probabilities, goes through the op; with
+    the flag on it gives the flag-off tokens and the same top alternatives."""
+    engine = Engine(device=device)
+    prompts = torch.randint(1, engine.cfg.vocab, (4, 6), generator=torch.Generator().manual_seed(5))
+    calls = spy(xllm_sampling, "logit_softmax")
+    runs = {}
+    for flag in (True, False):
+        with flags.override(logit_softmax=flag):
+            runs[flag] = engine.generate(prompts, 8, SamplingParams(torch.zeros(4)), logprobs=5)
+    assert len(calls) == 2
+    on, off = runs[True], runs[False]
+    assert torch.equal(on["tokens"], off["tokens"])
+    (on_logp, on_tokens), (off_logp, off_tokens) = on["top_logprobs"], off["top_logprobs"]
+    assert torch.equal(on_tokens, off_tokens)
+    assert (on_logp.exp() - off_logp.exp()).abs().max().item() <= 2e-6
