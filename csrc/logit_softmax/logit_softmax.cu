@@ -384,14 +384,23 @@ __device__ Stats gather(const uint64_t* slots, unsigned blocks, unsigned epoch, 
       if ((pending >> i & 1) && word[i][0] >> 32 == epoch && word[i][1] >> 32 == epoch) pending &= ~(1u << i);
     }
   }
-  Stats r{-INFINITY, 0.f};
+  // The row's max first, then every slot's sum rescaled to it: independent exp2s, where a chain of
+  // pairwise combines made each wait for the one before. The loops stop at the lane's last slot.
+  auto value = [&](int i, int half) { return __uint_as_float(static_cast<uint32_t>(word[i][half])); };
+  float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
-    if (lane + 32 * i < blocks) {
-      r = combine(r, Stats{__uint_as_float(static_cast<uint32_t>(word[i][0])), __uint_as_float(static_cast<uint32_t>(word[i][1]))}, c);
-    }
+    if (lane + 32 * i >= blocks) break;
+    m = nan_max(m, value(i, 0));
   }
-  return warp_combine(r, c);
+  m = warp_max(m);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    if (lane + 32 * i >= blocks) break;
+    s += value(i, 1) == 0.f ? 0.f : value(i, 1) * exp2f((value(i, 0) - m) * c);
+  }
+  return {m, warp_sum(s)};
 }
 
 // Grid path: small batches over the whole GPU. Each row is split over gridDim.x blocks (more than
@@ -408,32 +417,42 @@ __global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restr
   constexpr int kLoads = kGridItems / VEC;
   __shared__ Stats total;
   const int64_t row = blockIdx.y;
-  // Thread 0, while the loads are in flight: this launch's epoch and the barrier's phase.
-  const unsigned epoch = threadIdx.x == 0 ? load_relaxed(epochs + row) + 1 : 0;
-  const unsigned phase = threadIdx.x == 0 ? xllm::row_phase(counters + row) : 0;
-  const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int n = static_cast<int>(min(begin + chunk, vocab) - begin);
   auto at = [](int u) { return (u * kGridThreads + static_cast<int>(threadIdx.x)) * VEC; };
+  // f(u) for this thread's vectors u = 0, 1, ... of the chunk, stopping at the first past its end:
+  // the work on them is not run as all kLoads iterations predicated off, whose unused ones cost
+  // more than the used (at B = 1 a thread holds 2 of its 8 vectors). The loads themselves stay
+  // predicated, so that they all issue back to back.
+  auto live_vectors = [&](auto f) {
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (at(u) >= n) break;
+      f(u);
+    }
+  };
   const T* x = logits + row * vocab + begin;
   Vec<T, VEC> v[kLoads];
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
     if (at(u) < n) v[u] = load<T, VEC>(x + at(u));
   }
+  // Behind the loads (what waits for these must not hold them up): the temperature and, in
+  // thread 0, this launch's epoch and the barrier's phase.
+  const unsigned epoch = threadIdx.x == 0 ? load_relaxed(epochs + row) + 1 : 0;
+  const unsigned phase = threadIdx.x == 0 ? xllm::row_phase(counters + row) : 0;
+  const float t = row_temperature(temp, temp_scalar, row), c = exp2_scale(t);
   float m = -INFINITY;
+  live_vectors([&](int u) {
 #pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m = at(u) < n ? nan_max(m, to_float(v[u].v[j])) : m;
-  }
+    for (int j = 0; j < VEC; ++j) m = nan_max(m, to_float(v[u].v[j]));
+  });
   const Stats st = block_stats<kGridThreads>(m, [&](float max) {
     float s = 0.f;
+    live_vectors([&](int u) {
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) s += at(u) < n ? exp2f((to_float(v[u].v[j]) - max) * c) : 0.f;
-    }
+      for (int j = 0; j < VEC; ++j) s += exp2f((to_float(v[u].v[j]) - max) * c);
+    });
     return s;
   });
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -456,15 +475,12 @@ __global__ void __launch_bounds__(kGridThreads, 2) grid_softmax(const T* __restr
   const Stats row_total = total;
   const float sum_term = inv_or_log_sum<LOG>(row_total);
   float* y = out + row * vocab + begin;
+  live_vectors([&](int u) {
+    Vec<float, VEC> r;
 #pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    if (at(u) < n) {
-      Vec<float, VEC> r;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) r.v[j] = normalised<LOG>(to_float(v[u].v[j]), row_total, t, c, sum_term);
-      *reinterpret_cast<Vec<float, VEC>*>(y + at(u)) = r;
-    }
-  }
+    for (int j = 0; j < VEC; ++j) r.v[j] = normalised<LOG>(to_float(v[u].v[j]), row_total, t, c, sum_term);
+    *reinterpret_cast<Vec<float, VEC>*>(y + at(u)) = r;
+  });
 }
 
 // Blocks per row for cluster_softmax, 0 when a row does not fit 16 blocks' shared memory:
