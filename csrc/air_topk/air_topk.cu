@@ -565,9 +565,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) topk_kernel(const T* _
 // digit by digit from the top (11-bit digits over the value bits, then over the index bits,
 // which only ties reach): each block counts its keys of the surviving prefix in shared memory
 // and adds the counts to the row's histogram in global memory, the row's blocks meet at a
-// barrier, and each reads the histogram and finds the bucket holding the k-th key. As soon as that bucket is taken whole,
-// the k keys at or above the prefix are the answer: each block appends its own to the row's
-// list, and the last block to finish sorts the list and writes the outputs.
+// barrier, and each reads the histogram and finds the bucket holding the k-th key. As soon as
+// that bucket is taken whole, the k keys at or above the prefix are the answer: each block
+// appends its own to the row's list, and the last block to finish sorts the list and writes the
+// outputs.
 
 constexpr int kGridRows = 64;               // the grid path takes batches up to this
 constexpr int kGridItems = 32;              // elements a thread at most on the wide grid path (held in registers)

@@ -63,11 +63,12 @@ __device__ __forceinline__ void add(Stats& a, float x, float c) {
   }
 }
 
+// a's sum rescaled to a max m at least a.m (an empty sum stays 0, whatever its max).
+__device__ __forceinline__ float rescaled(Stats a, float m, float c) { return a.s == 0.f ? 0.f : a.s * exp2f((a.m - m) * c); }
+
 __device__ __forceinline__ Stats combine(Stats a, Stats b, float c) {
   float m = fmaxf(a.m, b.m);
-  float sa = a.s == 0.f ? 0.f : a.s * exp2f((a.m - m) * c);
-  float sb = b.s == 0.f ? 0.f : b.s * exp2f((b.m - m) * c);
-  return {m, sa + sb};
+  return {m, rescaled(a, m, c) + rescaled(b, m, c)};
 }
 
 // The row's normalised value of x: softmax, or log-softmax (z - log(sum) with z = (x - m) / t
@@ -97,7 +98,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // rescaled to it (one exp2 per lane rather than one per shuffle step).
 __device__ __forceinline__ Stats warp_combine(Stats v, float c) {
   const float m = warp_max(v.m);
-  return {m, warp_sum(v.s == 0.f ? 0.f : v.s * exp2f((v.m - m) * c))};
+  return {m, warp_sum(rescaled(v, m, c))};
 }
 
 // The Stats of a block's elements in two block-wide reductions: the max of the threads' maxima
@@ -386,19 +387,21 @@ __device__ Stats gather(const uint64_t* slots, unsigned blocks, unsigned epoch, 
   }
   // The row's max first, then every slot's sum rescaled to it: independent exp2s, where a chain of
   // pairwise combines made each wait for the one before. The loops stop at the lane's last slot.
-  auto value = [&](int i, int half) { return __uint_as_float(static_cast<uint32_t>(word[i][half])); };
+  auto slot = [&](int i) {
+    return Stats{__uint_as_float(static_cast<uint32_t>(word[i][0])), __uint_as_float(static_cast<uint32_t>(word[i][1]))};
+  };
   float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     if (lane + 32 * i >= blocks) break;
-    m = nan_max(m, value(i, 0));
+    m = nan_max(m, slot(i).m);
   }
   m = warp_max(m);
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     if (lane + 32 * i >= blocks) break;
-    s += value(i, 1) == 0.f ? 0.f : value(i, 1) * exp2f((value(i, 0) - m) * c);
+    s += rescaled(slot(i), m, c);
   }
   return {m, warp_sum(s)};
 }
