@@ -5,6 +5,8 @@ The driver runs these tests with ``XLLM_PORT_TARGET`` naming the target reposito
 """
 import os
 import sys
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,13 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     gate.skip_cuda_tests_without_gpu(items)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Seed torch's generators from the test's name: every random input is the same on every run
+    and every machine, and each test draws its own."""
+    torch.manual_seed(zlib.crc32(f"{Path(str(request.node.fspath)).parent.name}/{request.node.name}".encode()))
 
 
 @pytest.fixture(params=DEVICES)
