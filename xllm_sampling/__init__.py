@@ -9,17 +9,39 @@ The six steps, in the order the series applies them:
 5. :class:`GraphRunner` - CUDA-graph capture of the sampling step;
 6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default).
 
-See :mod:`xllm_sampling.flags` for turning each one on or off at runtime.
+See :mod:`xllm_sampling.flags` for turning each one on or off at runtime. The ops (and torch)
+are imported on first use, so that ``xllm-port --help`` or ``flags`` start at once, and
+importing the package never imports the porting driver's GitPython or pytest.
 """
-from . import flags
-from .air_topk import air_topk_last_dim, clear_caches, counters
-from .beam_search import BeamStep, beam_search_step
-from .cuda_graph import GraphRunner
-from .logit_softmax import logit_softmax
-from .sampler import SampleOutput, sample
+from importlib import import_module
 
-__all__ = [
-    "flags", "logit_softmax", "air_topk_last_dim", "clear_caches", "counters", "sample", "SampleOutput",
-    "beam_search_step", "BeamStep", "GraphRunner",
-]
+from . import flags
+
+_EXPORTS = {
+    "logit_softmax": "logit_softmax",
+    "air_topk_last_dim": "air_topk",
+    "clear_caches": "air_topk",
+    "counters": "air_topk",
+    "sample": "sampler",
+    "SampleOutput": "sampler",
+    "beam_search_step": "beam_search",
+    "BeamStep": "beam_search",
+    "GraphRunner": "cuda_graph",
+}
+__all__ = ["flags", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xllm_sampling' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups (and monkeypatching) see a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 flags.warn_unknown_environment()

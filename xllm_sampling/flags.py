@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .paths import FLAGS_FILE, require
+from .paths import FLAGS_FILE
 
 ENV_PREFIX = "XLLM_SAMPLING_"
 FLAGS_FILE_ENV = "XLLM_SAMPLING_FLAGS_FILE"
@@ -40,21 +40,25 @@ class FlagDef:
     step: str
     aliases: tuple[str, ...]
     help: str
+    min: int | None = None  # int flags: the smallest value accepted
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
     def accepted(self) -> str:
-        return {"bool": "true/false/1/0/on/off/yes/no", "int": "an integer", "str": "any string"}[self.type]
+        if self.type == "int":
+            return "an integer" + (f" >= {self.min}" if self.min is not None else "")
+        return {"bool": "true/false/1/0/on/off/yes/no", "str": "any string"}[self.type]
 
 
 def _load_definitions() -> dict[str, FlagDef]:
-    with open(require(FLAGS_FILE), "rb") as fh:
+    with open(FLAGS_FILE, "rb") as fh:
         raw = tomllib.load(fh)
     defs = {}
     for name, d in raw.items():
-        defs[name] = FlagDef(name, d["type"], d["default"], d["step"], tuple(d.get("aliases", ())), d["help"])
+        defs[name] = FlagDef(name, d["type"], d["default"], d["step"], tuple(d.get("aliases", ())), d["help"],
+                             d.get("min"))
     return defs
 
 
@@ -62,7 +66,7 @@ DEFINITIONS: dict[str, FlagDef] = _load_definitions()
 _code_values: dict[str, Any] = {}
 _MISSING = object()
 _lock = threading.Lock()
-_file_cache: tuple[str, int, dict[str, Any]] | None = None
+_file_cache: tuple[tuple, dict[str, Any]] | None = None
 
 
 def definition(name: str) -> FlagDef:
@@ -85,24 +89,44 @@ def parse(name: str, value: Any) -> Any:
         if text in _FALSE:
             return False
     elif d.type == "int":
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        with contextlib.suppress(ValueError, TypeError):
-            if not isinstance(value, bool):
-                return int(str(value).strip())
+            number = value
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = int(value.strip())
+        if number is not None and (d.min is None or number >= d.min):
+            return number
     else:
         return str(value)
     raise ValueError(f"flag {name!r}: cannot parse {value!r}; accepted values: {d.accepted()}")
 
 
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a flags file (``name = value`` TOML), checking every name and value."""
-    with open(path, "rb") as fh:
-        try:
+    """Read a flags file (``name = value`` TOML), checking every name and value; a problem is a
+    ``ValueError`` naming the file."""
+    values, problems = read_file_lenient(path)
+    if problems:
+        raise ValueError(f"flags file {path}: {problems[0]}")
+    return values
+
+
+def read_file_lenient(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """Read a flags file, keeping the entries that parse: (values, problems). A file that is not
+    TOML gives no values and one problem. The repair commands use this, so that a broken file
+    never blocks ``flags set`` or ``rollback --mode flag``."""
+    try:
+        with open(path, "rb") as fh:
             raw = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"flags file {path}: not valid TOML ({e})") from None
-    return {name: parse(name, value) for name, value in raw.items()}
+    except tomllib.TOMLDecodeError as e:
+        return {}, [f"not valid TOML ({e})"]
+    values, problems = {}, []
+    for name, value in raw.items():
+        try:
+            values[name] = parse(name, value)
+        except ValueError as e:
+            problems.append(str(e))
+    return values, problems
 
 
 def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
@@ -120,17 +144,26 @@ def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
 
 
 def _file_values() -> dict[str, Any]:
+    """The flags file's values, re-read when it changes. A broken file never breaks an op: the
+    last good values stay in force, with one warning naming the file and the problem."""
     global _file_cache
     path = os.environ.get(FLAGS_FILE_ENV)
     if not path:
         return {}
     try:
-        mtime = os.stat(path).st_mtime_ns
+        stat = os.stat(path)
     except FileNotFoundError:
         return {}
-    if _file_cache is None or _file_cache[:2] != (path, mtime):
-        _file_cache = (path, mtime, read_file(path))
-    return _file_cache[2]
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if _file_cache is None or _file_cache[0] != key:
+        last_good = _file_cache[1] if _file_cache is not None and _file_cache[0][0] == path else {}
+        try:
+            values = read_file(path)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"xllm_sampling: {e}; keeping the last good flag values until it is fixed", stacklevel=3)
+            values = last_good
+        _file_cache = (key, values)
+    return _file_cache[1]
 
 
 def _env_value(d: FlagDef) -> tuple[str, str] | None:

@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 
 from . import flags
-
-THRESHOLDS_ENV = "XLLM_PORT_THRESHOLDS"  # set by the driver: {"cpu": 1.5, "cuda": 0.8}
+from .port.checks import PROGRESS_PREFIX, THRESHOLDS_ENV
 
 
 @dataclass
@@ -103,7 +102,12 @@ def measure(original: Callable[[], object], fast: Callable[[], object], warmup: 
     timer = Timer(device, host_overhead)
     for _ in range(warmup):
         original(), fast()
-    pairs = [(timer(original), timer(fast)) for _ in range(rounds)]
+    pairs = []
+    for n in range(1, rounds + 1):
+        pairs.append((timer(original), timer(fast)))
+        if n % max(1, rounds // 5) == 0:  # the driver shows these lines as progress
+            print(f"{PROGRESS_PREFIX} round {n}/{rounds}, fast/original so far "
+                  f"{statistics.median(f / o for o, f in pairs):.3f}", flush=True)
     ratio = statistics.median(f / o for o, f in pairs)
     return GateResult(device, statistics.median(o for o, _ in pairs), statistics.median(f for _, f in pairs), ratio, rounds)
 

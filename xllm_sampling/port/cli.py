@@ -1,7 +1,7 @@
-"""The ``xllm-port`` command: apply | verify | rollback | status | flags | demo | bench.
+"""The ``xllm-port`` command: apply | verify | rollback | recover | status | flags | demo | bench.
 
-Exit codes: 0 success, 1 a step failed its checks (the target was restored), 2 bad usage or
-bad input. Every command takes ``--json``.
+Exit codes: 0 success, 1 a step failed its checks or was interrupted (the target was restored),
+2 bad usage or bad input. Every command takes ``--json``; errors then also go to stdout as JSON.
 """
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import bench, flags, gate
+from .. import flags
 from ..paths import SERIES_DIR
-from . import demo, driver
+from . import driver
 from .errors import PortError, UsageError
 from .target import BRANCH
+from .transaction import Interrupted, interruptible
+
+BENCH_OPS = ("logit_softmax", "topk", "sampling", "beam_search")  # xllm_sampling.bench.OPS, without importing torch
+BENCH_ALL_OPS = BENCH_OPS + ("topk_unsorted", "topk1024", "topk1024_unsorted")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=Path, help="use the target's flags file (.git/xllm_port/flags.toml)")
 
     p = sub.add_parser("bench", parents=[common], help="time each op: torch, fast path, FlashInfer")
-    p.add_argument("--ops", nargs="+", choices=bench.ALL_OPS, default=list(bench.OPS),
+    p.add_argument("--ops", nargs="+", choices=BENCH_ALL_OPS, default=list(BENCH_OPS),
                    help="default: the four ops (topk: k = 50 sorted); also topk_unsorted, topk1024, topk1024_unsorted")
     p.add_argument("--batch", nargs="+", type=int, help="default: 1 16 64 256 on a GPU, 1 16 on CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="default: 32000 128256 151936 on a GPU, 32000 on CPU")
@@ -101,9 +106,11 @@ def _flags_file(args) -> Path | None:
         return target.flags_file(repo)
 
 
-def _flags(args) -> object:
+def _flags(args, progress) -> object:
     path = _flags_file(args)
-    file_values = flags.read_file(path) if path and path.exists() else {}
+    file_values, problems = flags.read_file_lenient(path) if path and path.exists() else ({}, [])
+    for problem in problems:
+        progress(f"warning: {path}: {problem}" + (" (dropped: this command rewrites the file)" if args.action == "set" else ""))
     if args.action == "list":
         rows = []
         for name, d in flags.DEFINITIONS.items():
@@ -126,6 +133,8 @@ def _flags(args) -> object:
 
 
 def _demo(args, progress) -> tuple[object, int]:
+    from . import demo
+
     start = time.perf_counter()
     path = demo.create_target(args.dir)
     progress(f"reference engine created at {path} (branch {BRANCH})")
@@ -141,6 +150,8 @@ def _demo(args, progress) -> tuple[object, int]:
 
 def _bench(args, progress) -> dict:
     import torch
+
+    from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
     if args.decode:
@@ -162,33 +173,49 @@ def _bench(args, progress) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
     try:
         args = _parser().parse_args(argv)
         progress = _progress(args)
         code = 0
-        if args.command == "apply":
-            result = driver.apply(args.target, args.series, args.step, args.dry_run, args.branch, progress)
-        elif args.command == "verify":
-            result = driver.verify(args.target, args.series, args.step, progress)
-        elif args.command == "rollback":
-            result = driver.rollback(args.target, args.series, args.step, args.mode, args.cascade, args.branch, progress)
-        elif args.command == "status":
-            result = driver.status(args.target, args.series)
-        elif args.command == "flags":
-            result = _flags(args)
-        elif args.command == "bench":
-            result = _bench(args, progress)
-        else:
-            result, code = _demo(args, progress)
+        with interruptible():
+            if args.command == "apply":
+                result = driver.apply(args.target, args.series, args.step, args.dry_run, args.branch, progress)
+            elif args.command == "verify":
+                result = driver.verify(args.target, args.series, args.step, progress)
+            elif args.command == "rollback":
+                result = driver.rollback(args.target, args.series, args.step, args.mode, args.cascade, args.branch,
+                                         progress)
+            elif args.command == "recover":
+                result = driver.recover(args.target, progress)
+            elif args.command == "status":
+                result = driver.status(args.target, args.series)
+            elif args.command == "flags":
+                result = _flags(args, progress)
+            elif args.command == "bench":
+                result = _bench(args, progress)
+            else:
+                result, code = _demo(args, progress)
     except PortError as e:
-        print(f"xllm-port: error: {e}", file=sys.stderr)
-        if e.exit_code == 1 and getattr(e, "reports", None) and "--json" in (argv or sys.argv):
-            print(json.dumps({"error": str(e), "steps": [asdict(r) for r in e.reports]}, indent=2, default=str))
-        return e.exit_code
+        return _error(str(e), e.exit_code, as_json, getattr(e, "reports", None))
     except ValueError as e:  # unknown flag names and bad flag values
-        print(f"xllm-port: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2, as_json)
+    except (KeyboardInterrupt, Interrupted) as e:
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+        return _error(f"interrupted by {name}; nothing was left half done", 1, as_json)
     _output(args, result)
+    return code
+
+
+def _error(message: str, code: int, as_json: bool, reports=None) -> int:
+    """One line on stderr; with ``--json`` also a JSON object on stdout."""
+    print(f"xllm-port: error: {message}", file=sys.stderr)
+    if as_json:
+        data = {"error": message, "exit_code": code}
+        if reports:
+            data["steps"] = [asdict(r) for r in reports]
+        print(json.dumps(data, indent=2, default=str))
     return code
 
 
@@ -196,7 +223,7 @@ def _output(args, result) -> None:
     if args.json:
         data = [asdict(r) for r in result] if isinstance(result, list) and result and hasattr(result[0], "step") and not isinstance(result[0], dict) else result
         print(json.dumps(data, indent=2, default=str))
-    elif args.command in ("apply", "verify", "rollback"):
+    elif args.command in ("apply", "verify", "rollback", "recover"):
         _print_reports(result)
     elif args.command == "status":
         for row in result:
@@ -206,8 +233,11 @@ def _output(args, result) -> None:
             ratio = f", gate {gate['device']} {gate['ratio']:.3f}" if "ratio" in gate else ""
             print(f"{row['step']:14} {'applied' if row['applied'] else 'not applied':12} {(row['commit'] or '-')[:10]:10} "
                   f"{row['flag']}={str(row['flag_value']).lower():6} {verified}{ratio}")
+            if row["interrupted"]:
+                print(f"{'':14} INTERRUPTED during its {row['interrupted']} phase: run `xllm-port recover "
+                      f"--target {args.target}` (or apply, which recovers first)")
     elif args.command == "bench":
-        from .. import bench_decode
+        from .. import bench, bench_decode
 
         print(bench_decode.table(result) if "decode" in result else bench.table(result))
     elif args.command == "flags":
@@ -218,10 +248,14 @@ def _output(args, result) -> None:
         print(f"\n{'step':14} {'status':16} {'commit':10} gate")
         _print_reports([driver.StepReport(**s) for s in result["steps"]])
         print(f"\ntarget: {result['target']}  ({result['seconds']} s)")
+        print(f"it stays there for you to inspect (xllm-port status --target {result['target']}); "
+              f"remove it with: rm -rf {result['target']}")
 
 
 def main() -> None:
     """Console entry point."""
+    # torch warns at import when NumPy is absent; nothing here uses NumPy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     sys.exit(run())
 
 

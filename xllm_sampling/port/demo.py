@@ -7,7 +7,7 @@ from pathlib import Path
 
 import git
 
-from ..paths import TARGET_TEMPLATE, require
+from ..paths import TARGET_TEMPLATE
 from .errors import UsageError
 from .target import BRANCH
 
@@ -21,7 +21,7 @@ def create_target(directory: str | Path | None) -> Path:
         path = Path(directory)
         if path.exists() and any(path.iterdir()):
             raise UsageError(f"--dir {path}: exists and is not empty")
-    shutil.copytree(require(TARGET_TEMPLATE), path, dirs_exist_ok=True,
+    shutil.copytree(TARGET_TEMPLATE, path, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     with git.Repo.init(path, initial_branch="main") as repo:
         with repo.config_writer() as cfg:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -20,18 +21,26 @@ _TRAILER = re.compile(r"^(Step|Reverts-Step): (\S+)$", re.M)
 
 
 @contextlib.contextmanager
-def open_repo(path: str | Path) -> Iterator[git.Repo]:
-    """Open the target repository at ``path`` (its top level), or raise a :class:`UsageError`."""
+def open_repo(path: str | Path, writable: bool = False) -> Iterator[git.Repo]:
+    """Open the target repository at ``path`` (its top level), or raise a :class:`UsageError`.
+
+    With ``writable`` the work tree and ``.git`` must be writable by this user."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_dir():
         raise UsageError(f"target {path}: no such directory")
     try:
         repo = git.Repo(path)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise UsageError(f"target {path}: not a git repository") from None
+        raise UsageError(f"target {path}: not a git repository (run `git init` there, commit your engine, then retry)") from None
     try:
+        if repo.bare or repo.working_tree_dir is None:
+            raise UsageError(f"target {path}: a bare repository has no work tree to patch: clone it and use the clone")
         if Path(repo.working_tree_dir).resolve() != path.resolve():
             raise UsageError(f"target {path}: not the top of its git repository ({repo.working_tree_dir})")
+        if writable:
+            for folder in (path, Path(repo.git_dir)):
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise UsageError(f"target {path}: {folder} is not writable by this user: fix its permissions")
         yield repo
     finally:
         repo.close()
@@ -49,17 +58,41 @@ def flags_file(repo: git.Repo) -> Path:
     return state_dir(repo) / "flags.toml"
 
 
+def changed_paths(repo: git.Repo) -> list[str]:
+    """Paths that differ from HEAD in the index or the work tree, untracked files included, with
+    every git setting that changes ``status`` output pinned."""
+    out = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--ignore-submodules=none",
+                          "--no-renames")
+    return [entry[3:] for entry in out.split("\0") if entry]
+
+
 def require_ready(repo: git.Repo, branch: str) -> None:
-    """Refuse a wrong branch or a dirty work tree (untracked files included)."""
+    """Refuse an unborn or wrong branch and a dirty work tree (untracked files included)."""
+    root = repo.working_tree_dir
+    if not repo.head.is_valid():
+        raise UsageError(f"target {root} has no commit yet: commit your engine first "
+                         f"(git -C {root} add -A && git -C {root} commit -m engine), then "
+                         f"`git -C {root} checkout -b {branch}`")
     try:
         current = repo.active_branch.name
     except TypeError:
         current = "a detached HEAD"
     if current != branch:
-        raise UsageError(f"target is on {current}, not {branch}: run `git -C {repo.working_tree_dir} checkout {branch}`")
-    if repo.is_dirty(untracked_files=True):
-        changed = repo.git.status("--porcelain").splitlines()
-        raise UsageError(f"target work tree is dirty ({len(changed)} paths, e.g. {changed[0].strip()}): commit or stash first")
+        exists = branch in [h.name for h in repo.heads]
+        fix = f"git -C {root} checkout {branch}" if exists else f"git -C {root} checkout -b {branch}"
+        raise UsageError(f"target is on {current}, not {branch}: run `{fix}`")
+    changed = changed_paths(repo)
+    if changed:
+        raise UsageError(f"target work tree is dirty ({len(changed)} paths, e.g. {changed[0]}): commit or stash first")
+
+
+def patch_paths(repo: git.Repo, patch: Path) -> list[str]:
+    """The paths a patch touches (created, modified or deleted), from ``git apply --numstat``."""
+    try:
+        out = repo.git.apply("--numstat", "-z", str(patch))
+    except git.GitCommandError as e:
+        raise StepFailed(f"patch {patch.name} cannot be read: {last_line(e)}") from None
+    return [entry.split("\t", 2)[2] for entry in out.split("\0") if entry.count("\t") >= 2]
 
 
 def applied_steps(repo: git.Repo) -> dict[str, str]:
@@ -91,31 +124,23 @@ def apply_patch(repo: git.Repo, patch: Path) -> str:
         repo.git.apply("--3way", "--index", str(patch))
         return "3way"
     except git.GitCommandError as e:
-        raise StepFailed(f"patch {patch.name} does not apply: {_last_line(e)}") from None
+        raise StepFailed(f"patch {patch.name} does not apply: {last_line(e)}") from None
 
 
-def restore(repo: git.Repo, head: str) -> None:
-    """Put the index and work tree back at ``head`` and remove files the step created."""
-    repo.git.reset("--hard", head)
-    repo.git.clean("-fd")
+def commit_paths(repo: git.Repo, sha: str) -> list[str]:
+    """The paths commit ``sha`` changed."""
+    return [p for p in repo.git.diff_tree("--no-commit-id", "--name-only", "-r", "-z", sha).split("\0") if p]
 
 
-def commit(repo: git.Repo, message: str) -> str:
-    """Commit the index with ``message``; returns the new commit's sha."""
-    try:
-        repo.git.commit("-q", "--no-verify", "-m", message)
-    except git.GitCommandError as e:
-        raise StepFailed(f"git commit failed: {_last_line(e)}") from None
-    return repo.head.commit.hexsha
-
-
-def revert(repo: git.Repo, sha: str, message: str) -> str:
-    """Revert commit ``sha`` as a new commit with ``message``; conflicts raise :class:`StepFailed`."""
+def revert(repo: git.Repo, sha: str) -> None:
+    """Apply the reverse of commit ``sha`` to the index and work tree; conflicts raise :class:`StepFailed`."""
     try:
         repo.git.revert("--no-commit", sha)
     except git.GitCommandError as e:
-        raise StepFailed(f"revert of {sha[:10]} conflicts: {_last_line(e)}") from None
-    return commit(repo, message)
+        raise StepFailed(f"revert of {sha[:10]} conflicts: {last_line(e)}") from None
+    finally:  # forget the revert in progress (it forbids committing only the step's paths)
+        with contextlib.suppress(git.GitCommandError):
+            repo.git.revert("--quit")
 
 
 def read_state(repo: git.Repo) -> dict:
@@ -125,10 +150,13 @@ def read_state(repo: git.Repo) -> dict:
 
 
 def write_state(repo: git.Repo, state: dict) -> None:
+    """Replace the state file atomically."""
     path = state_dir(repo) / "state.json"
-    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
-def _last_line(error: git.GitCommandError) -> str:
+def last_line(error: git.GitCommandError) -> str:
     text = (error.stderr or str(error)).strip().splitlines()
     return text[-1].strip() if text else str(error)
