@@ -53,8 +53,9 @@ class CheckResult:
     def failure(self) -> str:
         """One line: the first failing test and its assertion, and where the full log is."""
         if REGRESSED in self.output:  # pytest-benchmark's lines after it name the test and the figures
-            after = self.output[self.output.index(REGRESSED):].splitlines()
-            detail = " ".join(line.strip() for line in after[:3]) + " than the previous stored run of this gate"
+            after = [line.strip() for line in self.output[self.output.index(REGRESSED):].splitlines()
+                     if line.strip().strip("-")]
+            detail = " ".join(after[:2]) + " than the previous stored run of this gate"
         else:
             lines = [line for line in self.output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
             tail = self.output.strip().splitlines()

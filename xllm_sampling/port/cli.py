@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cascade", action="store_true", help="also revert applied steps that depend on it, newest first")
     p.add_argument("--branch", default=BRANCH)
 
+    sub.add_parser("recover", parents=[targeted],
+                   help="finish restoring a step that an interrupted or killed run left half applied")
     sub.add_parser("status", parents=[targeted], help="each step's state in the target")
 
     p = sub.add_parser("flags", parents=[common], help="list, get or set runtime flags")
@@ -106,11 +108,12 @@ def _flags_file(args) -> Path | None:
         return target.flags_file(repo)
 
 
-def _flags(args, progress) -> object:
+def _flags(args) -> object:
     path = _flags_file(args)
     file_values, problems = flags.read_file_lenient(path) if path and path.exists() else ({}, [])
     for problem in problems:
-        progress(f"warning: {path}: {problem}" + (" (dropped: this command rewrites the file)" if args.action == "set" else ""))
+        print(f"xllm-port: warning: {path}: {problem}" + (" (dropped: this command rewrites the file)"
+                                                          if args.action == "set" else ""), file=sys.stderr)
     if args.action == "list":
         rows = []
         for name, d in flags.DEFINITIONS.items():
@@ -192,7 +195,7 @@ def run(argv: list[str] | None = None) -> int:
             elif args.command == "status":
                 result = driver.status(args.target, args.series)
             elif args.command == "flags":
-                result = _flags(args, progress)
+                result = _flags(args)
             elif args.command == "bench":
                 result = _bench(args, progress)
             else:

@@ -19,6 +19,7 @@ from .. import flags
 from .errors import UsageError
 
 REQUIRED = ("step", "summary", "patch", "flag", "parity", "gate", "rollback")
+STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COMPARE_FAIL = re.compile(r"(min|max|mean|median|stddev|iqr):\d+(\.\d+)?%?")
 
 
@@ -49,6 +50,12 @@ def _manifest(folder: Path, root: Path, name: str) -> Step:
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise UsageError(f"manifest {path}: missing {', '.join(missing)}")
+    wrong = [k for k in REQUIRED if not isinstance(raw[k], str) or not raw[k].strip()]
+    if wrong:
+        raise UsageError(f"manifest {path}: {', '.join(wrong)} must be non-empty strings")
+    depends_on = raw.get("depends_on", [])
+    if not isinstance(depends_on, list) or not all(isinstance(d, str) for d in depends_on):
+        raise UsageError(f"manifest {path}: depends_on must be a list of step names, e.g. [\"air_topk\"]")
     if raw["step"] != name:
         raise UsageError(f"manifest {path}: step = {raw['step']!r} but the series names it {name!r}")
     if raw["flag"] not in flags.DEFINITIONS:
@@ -70,7 +77,7 @@ def _manifest(folder: Path, root: Path, name: str) -> Step:
 
     return Step(
         name, raw["summary"], resolve(raw["patch"], folder / name), raw["flag"], resolve(raw["parity"], root),
-        resolve(raw["gate"], root), resolve(raw["rollback"], root), tuple(raw.get("depends_on", ())), thresholds,
+        resolve(raw["gate"], root), resolve(raw["rollback"], root), tuple(depends_on), thresholds,
         compare_fail,
     )
 
@@ -85,6 +92,9 @@ def load(folder: str | Path) -> list[Step]:
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise UsageError(f"series {series}: names no step")
+    bad = [n for n in names if not STEP_NAME.fullmatch(n)]
+    if bad:
+        raise UsageError(f"series {series}: step name {bad[0]!r} is not a plain identifier (letters, digits, _)")
     if len(set(names)) != len(names):
         raise UsageError(f"series {series}: a step is listed twice")
     steps = [_manifest(folder, folder.parent, n) for n in names]
@@ -97,6 +107,9 @@ def load(folder: str | Path) -> list[Step]:
 
 def find(steps: list[Step], name: str) -> Step:
     """The step called ``name``; a :class:`UsageError` listing the series' steps if there is none."""
+    if not STEP_NAME.fullmatch(name):
+        raise UsageError(f"--step {name!r}: not a step name (letters, digits, _); the series has: "
+                         f"{', '.join(s.name for s in steps)}")
     for step in steps:
         if step.name == name:
             return step
