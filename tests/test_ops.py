@@ -48,7 +48,11 @@ def test_philox_kernel_matches_torch_bit_for_bit():
     (lambda: xs.sample(torch.randn(2, 4), min_p=torch.ones(3)), r"min_p: expected shape \(2,\)"),
     (lambda: xs.sample(torch.randn(2, 4), seed=torch.zeros(2)), "seed: dtype torch.float32"),
     (lambda: xs.beam_search_step(torch.randn(6, 8), torch.zeros(6), 4), "logits: 6 rows is not a multiple"),
-    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4), 4), "beam_scores: expected a tensor of 8"),
+    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4), 4), r"beam_scores: expected shape \(8,\) or \(2, 4\)"),
+    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4, 2), 4), r"beam_scores: .* got \(4, 2\)"),
+    (lambda: xs.sample(torch.randn(2, 4), seed=2 ** 70), "seed: .* does not fit in int64"),
+    (lambda: xs.sample(torch.randn(2, 4), top_k=2.5), "top_k: expected an integer, got 2.5"),
+    (lambda: xs.logit_softmax(torch.randn(2, 4), "1.0"), "temperature: expected a number or a tensor, got str"),
     (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(8), 0), "num_beams: expected an int >= 1"),
 ])
 def test_bad_input_is_a_value_error_naming_the_argument(call, match):
@@ -146,3 +150,27 @@ def test_graph_capture_failure_falls_back_with_one_warning():
         first = runner(x)
     assert torch.equal(first, step(x)) and runner.captures == 0
     assert torch.equal(runner(x), step(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("sorted_by_value", [True, False])
+def test_topk_keeps_tied_values_by_ascending_index(device, largest, sorted_by_value):
+    """The docstring's tie rule, on every path: of equal values the lowest indices are kept; sorted,
+    equal values come by ascending index; unsorted, the result is the same call to call."""
+    x = torch.ones(74, 16384, device=device)  # torch.topk alone keeps a tied set starting at index 10752
+    x[:, 5000:5100] = 2.0 if largest else 0.0
+    x[3, 7] = float("nan")
+    values, indices = xs.air_topk_last_dim(x, 512, sorted_by_value=sorted_by_value, largest=largest)
+    ahead = list(range(5000, 5100))  # the 100 values that beat the ties
+    expected = torch.tensor(ahead + list(range(412)), device=device)
+    if largest:  # NaN ranks first; the lowest-index ties fill the rest
+        row3 = torch.tensor([7] + ahead + [i for i in range(412) if i != 7], device=device)
+    else:  # NaN is never picked before a number
+        row3 = torch.tensor(ahead + [i for i in range(413) if i != 7], device=device)
+    for row, want in ((0, expected), (3, row3)):
+        got = indices[row] if sorted_by_value else indices[row].sort().values
+        assert torch.equal(got, want if sorted_by_value else want.sort().values), row
+        assert torch.equal(values[row].nan_to_num(9.0), x[row].gather(-1, got).nan_to_num(9.0))
+    again = xs.air_topk_last_dim(x, 512, sorted_by_value=sorted_by_value, largest=largest)[1]
+    assert torch.equal(again, indices)

@@ -35,8 +35,12 @@ def per_row(name: str, value, batch: int, device: torch.device, dtype: torch.dty
         return value.to(dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
-    if not dtype.is_floating_point and not float(value).is_integer():
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if not dtype.is_floating_point:
+        if not float(value).is_integer():
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        if not -(2 ** 63) <= value < 2 ** 63:
+            raise ValueError(f"{name}: {value} does not fit in int64 [-2**63, 2**63)")
+        value = int(value)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 

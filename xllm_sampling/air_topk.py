@@ -101,13 +101,33 @@ def _output(x: torch.Tensor, k: int, cached: bool) -> tuple[torch.Tensor, torch.
         return pair
 
 
-def _order_ties_by_index(values: torch.Tensor, indices: torch.Tensor, largest: bool) -> None:
-    """Reorder sorted top-k results in place so that equal values appear by ascending index."""
-    by_index = indices.argsort(-1)
-    v, i = values.gather(-1, by_index), indices.gather(-1, by_index)
-    order = v.sort(dim=-1, descending=largest, stable=True).indices
-    values.copy_(v.gather(-1, order))
-    indices.copy_(i.gather(-1, order))
+def _order_key(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """An int64 key per element, larger = picked first, equal exactly for equal values (-0.0 and
+    +0.0 included). NaN ranks as ``torch.topk`` ranks it: above every number when ``largest``,
+    never before a number otherwise."""
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    key = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)  # the floats' order, as integers
+    nan = torch.isnan(x)
+    if largest:
+        return torch.where(nan, torch.full_like(key, 2 ** 31), key)
+    return torch.where(nan, torch.full_like(key, -(2 ** 32)), -key)
+
+
+def _torch_topk(x: torch.Tensor, k: int, largest: bool, sorted_by_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k in torch operations with the documented tie rule: of equal values the lower indices
+    are kept and, sorted, come first; unsorted results come in ascending index order (the same
+    every call). ``torch.topk`` alone keeps whichever tied elements it meets first."""
+    key = _order_key(x, largest)
+    kth = key.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    better, tied = key > kth, key == kth
+    keep = better | (tied & (tied.cumsum(-1) <= k - better.sum(-1, keepdim=True)))  # exactly k a row
+    vocab = x.shape[-1]
+    lowest_first = torch.arange(vocab, 0, -1, device=x.device)  # the kept indices, ascending
+    indices = vocab - torch.where(keep, lowest_first, 0).topk(k, dim=-1, sorted=True).values
+    if sorted_by_value:
+        order = key.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices
+        indices = indices.gather(-1, order)
+    return x.gather(-1, indices), indices
 
 
 @functools.cache
@@ -121,7 +141,8 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
 
     ``sorted_by_value=True`` (default): values in descending order (ascending with
     ``largest=False``) as ``torch.topk(sorted=True)`` gives them, equal values by ascending index.
-    ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order.
+    ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order (on the
+    torch path: ascending index). Of tied values at the k-th place, the lowest indices are kept.
     NaN counts as larger than every number, as in ``torch.topk`` (first with ``largest=True``,
     never picked before a number with ``largest=False``). On the CUDA kernel path (k <= 1024)
     -0.0 ranks just below +0.0 (their bit patterns are ordered) and a NaN value comes back as
@@ -148,7 +169,7 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
         if kernel is not None:
             kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, values, indices)
         else:
-            torch.topk(x, k, dim=-1, largest=largest, sorted=sorted_by_value, out=(values, indices))
-            if sorted_by_value:
-                _order_ties_by_index(values, indices, largest)
+            v, i = _torch_topk(x, k, largest, sorted_by_value)
+            values.copy_(v)
+            indices.copy_(i)
         return values, indices

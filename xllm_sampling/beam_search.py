@@ -32,8 +32,10 @@ def _check(logits, beam_scores, num_beams: int) -> None:
         raise ValueError(f"logits: {rows} rows is not a multiple of num_beams={num_beams}")
     if 2 * num_beams > vocab * num_beams:
         raise ValueError(f"num_beams: 2 * {num_beams} candidates need a vocab of at least 2, got {vocab}")
-    if not isinstance(beam_scores, torch.Tensor) or beam_scores.numel() != rows:
-        raise ValueError(f"beam_scores: expected a tensor of {rows} elements (batch * num_beams)")
+    shapes = ((rows,), (rows // num_beams, num_beams))
+    if not isinstance(beam_scores, torch.Tensor) or tuple(beam_scores.shape) not in shapes:
+        got = tuple(beam_scores.shape) if isinstance(beam_scores, torch.Tensor) else type(beam_scores).__name__
+        raise ValueError(f"beam_scores: expected shape {shapes[0]} or {shapes[1]} (batch, num_beams), got {got}")
     if beam_scores.device != logits.device:
         raise ValueError(f"beam_scores: on {beam_scores.device} but logits are on {logits.device}")
     if not beam_scores.dtype.is_floating_point:

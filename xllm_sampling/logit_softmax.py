@@ -11,6 +11,8 @@ def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | No
     if temperature is None:
         return None
     if not isinstance(temperature, torch.Tensor):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise ValueError(f"temperature: expected a number or a tensor, got {type(temperature).__name__}")
         _checks.number_in("temperature", temperature, 0.0)
         return float(temperature)
     t = _checks.per_row("temperature", temperature, logits.shape[0], logits.device, torch.float32)

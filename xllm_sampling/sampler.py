@@ -64,7 +64,8 @@ def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params
         k_max = int(k.max()) if k.device.type == "cpu" else vocab  # a device tensor is not read: no sync
         k = host_or_device("top_k", k, torch.int64)
     else:  # one number for every row: known on the host, nothing to copy (graph-capture safe)
-        k_max = top_k if top_k and 0 < top_k < vocab else vocab
+        top_k = 0 if top_k is None else int(_checks.per_row("top_k", top_k, 1, torch.device("cpu"), torch.int64))
+        k_max = top_k if 0 < top_k < vocab else vocab
         k = torch.full((batch,), k_max, dtype=torch.int64, device=dev)
     p = host_or_device("top_p", 1.0 if top_p is None else top_p, torch.float32)
     m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
