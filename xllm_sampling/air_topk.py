@@ -117,17 +117,38 @@ def _torch_topk(x: torch.Tensor, k: int, largest: bool, sorted_by_value: bool) -
     """Top-k in torch operations with the documented tie rule: of equal values the lower indices
     are kept and, sorted, come first; unsorted results come in ascending index order (the same
     every call). ``torch.topk`` alone keeps whichever tied elements it meets first."""
+    vocab = x.shape[-1]
+    values, indices = torch.topk(x, min(k + 1, vocab), dim=-1, largest=largest, sorted=True)
+    # A row is ambiguous when the (k+1)-th element ties with the k-th: torch.topk's choice among
+    # the tied may then not be the lowest indices. On a GPU every row takes the exact path
+    # (deciding would cost a host synchronisation).
+    exact = x.is_cuda
+    if k < vocab:
+        kth, next_ = values[:, k - 1], values[:, k]
+        exact = exact or bool(((kth == next_) | (kth.isnan() & next_.isnan())).any())
+        values, indices = values[:, :k], indices[:, :k]
+    if exact:
+        indices = _lowest_index_ties(x, k, largest)
+    if not sorted_by_value:
+        indices = indices.sort(-1).values
+    elif exact or bool(((values[:, 1:] == values[:, :-1]).any() | values.isnan().any())):
+        by_index = indices.sort(-1).values  # then a stable sort by value keeps ties by index
+        order = _order_key(x.gather(-1, by_index), largest).sort(dim=-1, descending=True, stable=True).indices
+        indices = by_index.gather(-1, order)
+    else:  # distinct values: torch.topk's order is the only one
+        return values, indices
+    return x.gather(-1, indices), indices
+
+
+def _lowest_index_ties(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The indices of each row's top k, ties at the k-th place broken by lower index, ascending."""
     key = _order_key(x, largest)
     kth = key.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     better, tied = key > kth, key == kth
     keep = better | (tied & (tied.cumsum(-1) <= k - better.sum(-1, keepdim=True)))  # exactly k a row
     vocab = x.shape[-1]
-    lowest_first = torch.arange(vocab, 0, -1, device=x.device)  # the kept indices, ascending
-    indices = vocab - torch.where(keep, lowest_first, 0).topk(k, dim=-1, sorted=True).values
-    if sorted_by_value:
-        order = key.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices
-        indices = indices.gather(-1, order)
-    return x.gather(-1, indices), indices
+    lowest_first = torch.arange(vocab, 0, -1, device=x.device)
+    return vocab - torch.where(keep, lowest_first, 0).topk(k, dim=-1, sorted=True).values
 
 
 @functools.cache
