@@ -96,18 +96,29 @@ def measure(original: Callable[[], object], fast: Callable[[], object], warmup: 
             host_overhead: bool = False) -> GateResult:
     """Time ``original`` and ``fast`` alternately, ``rounds`` times each after ``warmup`` calls of each.
 
-    ``host_overhead=True`` keeps the CPU's launch time in a GPU figure (for whole decode loops,
-    where removing it is the point, as with CUDA graphs)."""
+    The figure is the median of the per-pair ratios: a change of machine load during the run
+    slows both calls of a pair alike. On CPU torch runs one intra-op thread while timing: on a
+    small machine with another process busy, a parallel op waits for the thread that shares a
+    core with it, which made the path with more ops (not the slower one) up to 3x slower in some
+    runs (measured on the 2-core CI machine with one core kept busy: beam_search 0.3-3.4 with two
+    threads, 1.01-1.18 with one). ``host_overhead=True`` keeps the CPU's launch time in a GPU
+    figure (for whole decode loops, where removing it is the point, as with CUDA graphs)."""
     device = device_kind()
     timer = Timer(device, host_overhead)
-    for _ in range(warmup):
-        original(), fast()
-    pairs = []
-    for n in range(1, rounds + 1):
-        pairs.append((timer(original), timer(fast)))
-        if n % max(1, rounds // 5) == 0:  # the driver shows these lines as progress
-            print(f"{PROGRESS_PREFIX} round {n}/{rounds}, fast/original so far "
-                  f"{statistics.median(f / o for o, f in pairs):.3f}", flush=True)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            original(), fast()
+        pairs = []
+        for n in range(1, rounds + 1):
+            pairs.append((timer(original), timer(fast)))
+            if n % max(1, rounds // 5) == 0:  # the driver shows these lines as progress
+                print(f"{PROGRESS_PREFIX} round {n}/{rounds}, fast/original so far "
+                      f"{statistics.median(f / o for o, f in pairs):.3f}", flush=True)
+    finally:
+        torch.set_num_threads(threads)
     ratio = statistics.median(f / o for o, f in pairs)
     return GateResult(device, statistics.median(o for o, _ in pairs), statistics.median(f for _, f in pairs), ratio, rounds)
 
