@@ -12,7 +12,7 @@ from xllm_sampling.port import cli
 def imported_by(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
                          capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+    return set(out.splitlines()[-1].split())  # the last line: what the command printed comes before
 
 
 def test_importing_the_ops_does_not_import_the_driver_tools():

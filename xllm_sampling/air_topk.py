@@ -157,13 +157,15 @@ def _say_large_k_uses_torch() -> None:
 
 
 def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, largest: bool = True,
-                      cached_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      cached_output: bool = False, index_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, int64 indices) over the last dim of a (batch, vocab) tensor.
 
     ``sorted_by_value=True`` (default): values in descending order (ascending with
     ``largest=False``) as ``torch.topk(sorted=True)`` gives them, equal values by ascending index.
-    ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order (on the
-    torch path: ascending index). Of tied values at the k-th place, the lowest indices are kept.
+    ``sorted_by_value=False``: the same (value, index) pairs in an unspecified order, which on
+    the GPU kernel may change from call to call; with ``index_order=True`` in ascending index
+    order on every path (repeatable, at the cost of sorting the k indices). Of values tied at the
+    k-th place, the lowest indices are kept.
     NaN counts as larger than every number, as in ``torch.topk`` (first with ``largest=True``,
     never picked before a number with ``largest=False``). On the CUDA kernel path (k <= 1024)
     -0.0 ranks just below +0.0 (their bit patterns are ordered) and a NaN value comes back as
@@ -189,6 +191,10 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
         values, indices = _output(x, k, cached_output)
         if kernel is not None:
             kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, values, indices)
+            if index_order and not sorted_by_value:
+                by_index, order = indices.sort(-1)
+                values.copy_(values.gather(-1, order))
+                indices.copy_(by_index)
         else:
             v, i = _torch_topk(x, k, largest, sorted_by_value)
             values.copy_(v)
