@@ -4,7 +4,7 @@ import torch
 
 import xllm_sampling as xs
 from xllm_sampling import flags, rng, tolerances
-from xllm_sampling.cuda_graph import GraphRunner
+from xllm_sampling import GraphRunner
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

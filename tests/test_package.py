@@ -44,3 +44,14 @@ def test_the_wheel_carries_every_resource(tmp_path):
                      "target/refengine/engine/decode.py"):
         assert f"xllm_sampling/_data/{resource}" in names, resource
     assert not any(n.startswith(("tests/", "xllm_sampling/_data/tests/")) for n in names)
+
+
+def test_op_names_stay_functions_whatever_is_imported_first():
+    """Each op's module lives in xllm_sampling.ops, so loading it (as the sampler or the bench do)
+    never replaces the package's function of the same name (the patched engine calls
+    ``from xllm_sampling import logit_softmax``)."""
+    code = ("import xllm_sampling.bench, xllm_sampling, types\n"
+            "from xllm_sampling import logit_softmax, sample, air_topk_last_dim\n"
+            "assert all(callable(f) and not isinstance(f, types.ModuleType) for f in "
+            "(logit_softmax, sample, air_topk_last_dim, xllm_sampling.logit_softmax))")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -35,7 +35,7 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'xllm_sampling' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
+    value = getattr(import_module(f".ops.{module}", __name__), name)
     globals()[name] = value  # later look-ups (and monkeypatching) see a plain attribute
     return value
 

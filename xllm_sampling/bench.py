@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 
 from . import flags, gate
-from .air_topk import air_topk_last_dim
-from .beam_search import beam_search_step
-from .logit_softmax import logit_softmax
-from .sampler import sample
+from .ops.air_topk import air_topk_last_dim
+from .ops.beam_search import beam_search_step
+from .ops.logit_softmax import logit_softmax
+from .ops.sampler import sample
 
 OPS = ("logit_softmax", "topk", "sampling", "beam_search")
 # Further top-k cells, on request (--ops): "topk" is k = 50 sorted.

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, flags, nvtx
+from .. import _checks, flags, nvtx
 from .air_topk import air_topk_last_dim
 
 

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from . import flags, nvtx
+from .. import flags, nvtx
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("xllm_sampling.cuda_graph")  # the name the docs give users
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks, flags, kernels, nvtx
+from .. import _checks, flags, kernels, nvtx
 
 KERNEL_MAX_K = 1024
-log = logging.getLogger(__name__)
+log = logging.getLogger("xllm_sampling.air_topk")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, flags, nvtx, rng
+from .. import _checks, flags, nvtx, rng
 from .air_topk import KERNEL_MAX_K as CANDIDATE_MAX, air_topk_last_dim
 from .logit_softmax import logit_softmax
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, flags, kernels, nvtx
+from .. import _checks, flags, kernels, nvtx
 
 
 def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | None:
