@@ -75,6 +75,16 @@ def gate_waits_for_go2(series, control):
     gate.write_text(gate.read_text().replace('"go"', '"go2"'))
 
 
+def apply_until(target, series, control, phase):
+    """Start an apply in a subprocess and wait until its ``phase`` check runs: (the target's
+    files before, the driver process, the check's pid)."""
+    if phase == "gate":
+        gate_waits_for_go2(series, control)
+    before = tree_snapshot(target)
+    driver = start_apply(target, series)
+    return before, driver, wait_for(control / f"{phase}.pid", driver)
+
+
 def log(target):
     with git.Repo(target) as repo:
         return [c.message for c in repo.iter_commits()]
@@ -159,11 +169,7 @@ def test_a_second_apply_is_refused_while_the_first_runs(fresh_target, slow_serie
 @pytest.mark.parametrize("phase", ["parity", "gate"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_restores_the_target_and_stops_the_check(fresh_target, slow_series, control, phase, signum):
-    if phase == "gate":
-        gate_waits_for_go2(slow_series, control)
-    before = tree_snapshot(fresh_target)
-    driver = start_apply(fresh_target, slow_series)
-    child = wait_for(control / f"{phase}.pid", driver)
+    before, driver, child = apply_until(fresh_target, slow_series, control, phase)
     driver.send_signal(signum)
     _, err = driver.communicate(timeout=60)
     assert driver.returncode == 1, err
@@ -175,11 +181,7 @@ def test_interrupt_restores_the_target_and_stops_the_check(fresh_target, slow_se
 
 @pytest.mark.parametrize("phase", ["parity", "gate"])
 def test_sigkill_is_seen_by_status_and_repaired_by_the_next_apply(fresh_target, slow_series, control, phase, capsys):
-    if phase == "gate":
-        gate_waits_for_go2(slow_series, control)
-    before = tree_snapshot(fresh_target)
-    driver = start_apply(fresh_target, slow_series)
-    child = wait_for(control / f"{phase}.pid", driver)
+    before, driver, child = apply_until(fresh_target, slow_series, control, phase)
     driver.kill()
     driver.wait(30)
     time.sleep(0.5)
