@@ -174,3 +174,68 @@ def test_topk_keeps_tied_values_by_ascending_index(device, largest, sorted_by_va
     for _ in range(3):
         again = xs.air_topk_last_dim(x, 512, sorted_by_value=sorted_by_value, largest=largest, index_order=True)
         assert torch.equal(again[1], indices) and torch.equal(again[0].nan_to_num(9.0), values.nan_to_num(9.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_is_batch_invariant_whatever_the_other_rows_ask(device):
+    """A seeded request draws the same tokens alone and beside a row with top-k off (which makes
+    the batch take every candidate), and with top_k given as a number or as a device tensor."""
+    logits = torch.randn(2, 5000, device=device) * 3
+    positions = torch.arange(64, device=device)
+    alone, beside, as_tensor = [], [], []
+    for pos in positions:
+        p = pos.view(1)
+        alone.append(xs.sample(logits[:1], top_k=50, seed=7, position=p).tokens)
+        beside.append(xs.sample(logits, top_k=torch.tensor([50, 0], device=device), seed=7,
+                                position=torch.cat([p, p])).tokens[:1])
+        as_tensor.append(xs.sample(logits[:1], top_k=torch.tensor([50], device=device), seed=7, position=p).tokens)
+    assert torch.equal(torch.cat(alone), torch.cat(beside)) and torch.equal(torch.cat(alone), torch.cat(as_tensor))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flag", [True, False])
+def test_sample_keeps_tied_tokens_by_rank_lower_index_first(device, flag):
+    ties = torch.zeros(400, 50, device=device)
+    ties[:, 10:15] = 5.0  # five logits tied at the maximum
+    half = torch.cat([torch.ones(1000), torch.zeros(1000)]).to(device).expand(400, -1)
+    positions = torch.arange(400, device=device)
+    with flags.override(sampler=flag):
+        top1 = xs.sample(ties, top_k=1, seed=3, position=positions).tokens
+        nucleus = xs.sample(half, top_p=0.5, seed=3, position=positions).tokens
+    assert set(top1.tolist()) == {10}
+    # p = e / (1000 e + 1000) for each 1.0: the mass above token i is i p, under 0.5 for i <= 683
+    assert set(nucleus.tolist()) <= set(range(684)) and max(nucleus.tolist()) > 600
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rank", [1, 15000, 29000])
+def test_top_p_boundary_is_exact(device, rank):
+    """top_p one float32 step above and below the exact mass of the first ``rank`` tokens keeps
+    ``rank + 1`` and ``rank`` tokens: the float64 exclusive prefix is exact to ~1e-12, far inside
+    a float32 step (6e-8 relative). A float32 cumulative sum minus the token's own mass is off by
+    up to ~1e-6 at 30000 tokens and misplaces such boundaries."""
+    import math
+
+    from xllm_sampling.ops import sampler
+
+    probs = torch.softmax(torch.randn(30000) * 0.3, -1).sort(descending=True).values
+    exact = math.fsum(probs[:rank].tolist()) / math.fsum(probs.tolist())
+    below = torch.tensor(exact, dtype=torch.float32)
+    below = below if below.item() < exact else torch.nextafter(below, torch.tensor(0.0))
+    above = torch.nextafter(below, torch.tensor(1.0))
+    ranked = probs.to(device)[None]
+    for top_p, kept in ((below, rank), (above, rank + 1)):
+        params = sampler._params(ranked, 1.0, 0, top_p.item(), 0.0, 0, 0)
+        assert sampler._ranked_keep(ranked, params).sum().item() == kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_greedy_batch_is_an_argmax(device):
+    x = torch.randn(6, 3001, device=device).to(torch.bfloat16)
+    x[2, 100:104] = x[2].max()  # bf16 ties at the maximum: the lowest index
+    out = xs.sample(x, temperature=0.0)
+    assert torch.equal(out.tokens, x.float().argmax(-1)) and out.tokens[2].item() == min(100, out.tokens[2].item())
+    assert torch.equal(xs.sample(x, temperature=torch.zeros(6)).tokens, out.tokens)
+    ref = torch.log_softmax(x.double(), -1).gather(-1, out.tokens[:, None]).squeeze(-1)
+    bound = tolerances.log_softmax_absolute_error(3001, x.float().abs().max().item(), ref.abs().max().item())
+    assert (out.logprobs.double() - ref).abs().max().item() <= bound

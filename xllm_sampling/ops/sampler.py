@@ -5,12 +5,18 @@ mass ranked strictly above it is under ``top_p``), then min-p (``p >= min_p * p_
 Temperature 0 means greedy (argmax of the raw logits). A row with a NaN or +inf logit, or with
 every logit -inf, gets token -1 and logprob NaN (no host synchronisation is spent to detect it).
 
-The fast path never sorts the vocabulary: with every row's top-k at most ``CANDIDATE_MAX``
-(1024) it filters and samples among the top-k candidates; otherwise it finds each row's
-probability threshold by bisection over the float bit patterns (32 passes). Draws come from
-Philox keyed by each request's ``seed`` and ``position``, so a request's tokens do not depend
-on the batch it is in. Flag ``sampler`` off: the original sort-based sampler
-(``torch.multinomial`` with ``generator``).
+Both paths rank each row's tokens by probability, equal probabilities by ascending index, and
+apply the filters to that ranking, so ties are kept by the same rule everywhere: of tokens tied
+at a boundary the lower indices are kept. The top-p sums run in float64 over an exclusive
+prefix (never a cumulative sum minus the token's own mass, which loses the boundary).
+
+The fast path draws by inverse CDF over the ranked candidates with a uniform from Philox keyed
+by each request's ``seed`` and ``position``; a row's candidates beyond its own top-k weigh
+nothing, so the token does not depend on the batch's largest top-k nor on the row or batch the
+request is in. With every row's top-k known on the host and at most ``CANDIDATE_MAX`` (1024),
+the candidates come from the top-k kernel; otherwise from a full sort (until the sampling kernel
+lands). When every row is greedy and that is known on the host, the step is an argmax.
+Flag ``sampler`` off: the original sort-based sampler (``torch.multinomial`` with ``generator``).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class _Params(NamedTuple):
     seed: torch.Tensor  # int64
     position: torch.Tensor  # int64
     k_max: int  # largest top_k of any row, known on the host
+    all_greedy: bool  # every row has temperature 0, known on the host
 
 
 def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params:
@@ -71,7 +78,11 @@ def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params
     m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
     seed = host_or_device("seed", 0 if seed is None else seed, torch.int64)
     position = host_or_device("position", 0 if position is None else position, torch.int64)
-    return _Params(t, k, p, m, seed, position, k_max)
+    if isinstance(temperature, torch.Tensor):
+        all_greedy = temperature.device.type == "cpu" and bool((temperature == 0).all())
+    else:
+        all_greedy = temperature == 0
+    return _Params(t, k, p, m, seed, position, k_max, all_greedy)
 
 
 def _invalid_rows(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +99,18 @@ def _finish(x, tokens, logp: torch.Tensor, params) -> SampleOutput:
     return SampleOutput(tokens, logprobs)
 
 
+def _ranked_keep(ranked: torch.Tensor, params: _Params) -> torch.Tensor:
+    """Which of each row's ranked probabilities (descending, ties by ascending index) survive
+    top-k, then top-p on the renormalised top-k mass, then min-p."""
+    rank = torch.arange(ranked.shape[1], device=ranked.device)
+    keep = rank < params.top_k[:, None]
+    prefix = torch.where(keep, ranked, 0).double().cumsum(-1)
+    above = torch.nn.functional.pad(prefix[:, :-1], (1, 0))  # mass ranked strictly above each token
+    keep &= above < params.top_p[:, None].double() * prefix[:, -1:]
+    keep &= ranked >= params.min_p[:, None] * ranked[:, :1]
+    return keep
+
+
 def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
     """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``."""
     x = logits.float()
@@ -95,12 +118,7 @@ def original(logits, params: _Params, generator: torch.Generator | None = None) 
     logp = torch.log_softmax(x / t[:, None], -1)
     probs = logp.exp()
     sorted_p, sorted_i = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(x.shape[1], device=x.device)
-    keep = rank < params.top_k[:, None]
-    top_k_mass = (sorted_p * keep).sum(-1, keepdim=True)
-    keep &= (sorted_p * keep).cumsum(-1) - sorted_p < params.top_p[:, None] * top_k_mass
-    keep &= sorted_p >= params.min_p[:, None] * sorted_p[:, :1]
-    filtered = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    filtered = torch.where(_ranked_keep(sorted_p, params), sorted_p, torch.zeros_like(sorted_p))
     filtered = torch.nan_to_num(filtered, nan=0.0)
     filtered[:, 0] += (filtered.sum(-1) == 0).float()  # an invalid row draws something harmless
     choice = torch.multinomial(filtered, 1, generator=generator)
@@ -108,45 +126,33 @@ def original(logits, params: _Params, generator: torch.Generator | None = None) 
     return _finish(x, tokens, logp, params)
 
 
-def _bisect(probs: torch.Tensor, enough) -> torch.Tensor:
-    """Per row, the largest float ``tau >= 0`` with ``enough(probs >= tau)`` true, by bisection on bits."""
-    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)
-    hi = torch.full_like(lo, 0x7F800000)  # +inf: nothing kept
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        ok = enough(probs >= mid.view(torch.float32)[:, None])
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    return lo.view(torch.float32)
-
-
 def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of a column per row from non-negative ``weights`` with uniforms ``u``."""
+    """Inverse-CDF draw of a column per row from non-negative ``weights`` with uniforms ``u``;
+    never a column of weight 0 while the row has a positive one."""
     cdf = weights.double().cumsum(-1)
-    target = (u * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=weights.shape[1] - 1)
+    total = cdf[:, -1:]
+    column = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    last = (cdf < total).sum(-1, keepdim=True)  # the last column of positive weight
+    return torch.minimum(column, last).squeeze(-1)
+
+
+def _greedy(logits: torch.Tensor, params: _Params) -> SampleOutput:
+    x = logits.float()
+    return _finish(x, x.argmax(-1), _LogOf(torch.softmax(x, -1)), params)
 
 
 def _fast(logits, params: _Params) -> SampleOutput:
+    if params.all_greedy:
+        return _greedy(logits, params)
     x = logits.float()
     probs = logit_softmax(logits, params.temperature)
     u = rng.uniform(params.seed, params.position)
     if params.k_max <= CANDIDATE_MAX:
-        values, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
-        rank = torch.arange(params.k_max, device=x.device)
-        keep = rank < params.top_k[:, None]
-        kept = values * keep
-        keep &= kept.cumsum(-1) - kept < params.top_p[:, None] * kept.sum(-1, keepdim=True)
-        keep &= values >= params.min_p[:, None] * values[:, :1]
-        column = _draw(torch.where(keep, values, torch.zeros_like(values)), u)
-        tokens = indices.gather(-1, column[:, None]).squeeze(-1)
+        ranked, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
     else:
-        tau_k = _bisect(probs, lambda m: m.sum(-1) >= params.top_k)
-        mass_k = (probs * (probs >= tau_k[:, None])).sum(-1)
-        tau_p = _bisect(probs, lambda m: (probs * m).sum(-1) >= params.top_p * mass_k)
-        tau_m = params.min_p * probs.amax(-1)
-        tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)[:, None]
-        tokens = _draw(torch.where(probs >= tau, probs, torch.zeros_like(probs)), u)
+        ranked, indices = probs.sort(dim=-1, descending=True, stable=True)
+    column = _draw(torch.where(_ranked_keep(ranked, params), ranked, torch.zeros_like(ranked)), u)
+    tokens = indices.gather(-1, column[:, None]).squeeze(-1)
     return _finish(x, tokens, _LogOf(probs), params)
 
 
