@@ -180,7 +180,7 @@ def test_topk_keeps_tied_values_by_ascending_index(device, largest, sorted_by_va
 def test_sample_is_batch_invariant_whatever_the_other_rows_ask(device):
     """A seeded request draws the same tokens alone and beside a row with top-k off (which makes
     the batch take every candidate), and with top_k given as a number or as a device tensor."""
-    logits = torch.randn(2, 5000, device=device) * 3
+    logits = (torch.randn(2, 5000) * 3).to(device)
     positions = torch.arange(64, device=device)
     alone, beside, as_tensor = [], [], []
     for pos in positions:
@@ -199,9 +199,10 @@ def test_sample_keeps_tied_tokens_by_rank_lower_index_first(device, flag):
     ties[:, 10:15] = 5.0  # five logits tied at the maximum
     half = torch.cat([torch.ones(1000), torch.zeros(1000)]).to(device).expand(400, -1)
     positions = torch.arange(400, device=device)
+    generator = torch.Generator(device).manual_seed(3)  # the original path's randomness
     with flags.override(sampler=flag):
-        top1 = xs.sample(ties, top_k=1, seed=3, position=positions).tokens
-        nucleus = xs.sample(half, top_p=0.5, seed=3, position=positions).tokens
+        top1 = xs.sample(ties, top_k=1, seed=3, position=positions, generator=generator).tokens
+        nucleus = xs.sample(half, top_p=0.5, seed=3, position=positions, generator=generator).tokens
     assert set(top1.tolist()) == {10}
     # p = e / (1000 e + 1000) for each 1.0: the mass above token i is i p, under 0.5 for i <= 683
     assert set(nucleus.tolist()) <= set(range(684)) and max(nucleus.tolist()) > 600
@@ -231,7 +232,7 @@ def test_top_p_boundary_is_exact(device, rank):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_greedy_batch_is_an_argmax(device):
-    x = torch.randn(6, 3001, device=device).to(torch.bfloat16)
+    x = torch.randn(6, 3001).to(device, torch.bfloat16)
     x[2, 100:104] = x[2].max()  # bf16 ties at the maximum: the lowest index
     out = xs.sample(x, temperature=0.0)
     assert torch.equal(out.tokens, x.float().argmax(-1)) and out.tokens[2].item() == min(100, out.tokens[2].item())
