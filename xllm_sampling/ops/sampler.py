@@ -99,16 +99,25 @@ def _finish(x, tokens, logp: torch.Tensor, params) -> SampleOutput:
     return SampleOutput(tokens, logprobs)
 
 
-def _ranked_keep(ranked: torch.Tensor, params: _Params) -> torch.Tensor:
-    """Which of each row's ranked probabilities (descending, ties by ascending index) survive
-    top-k, then top-p on the renormalised top-k mass, then min-p."""
+def _ranked_filter(ranked: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filter each row's ranked probabilities (descending, ties by ascending index): top-k, then
+    top-p on the renormalised top-k mass, then min-p. Each filter keeps a prefix of the ranking,
+    so the result is a count per row, with the float64 running mass of the ranking under top-k.
+
+    Returns (kept: int64 (batch,), prefix: float64 (batch, n) cumulative mass)."""
     rank = torch.arange(ranked.shape[1], device=ranked.device)
-    keep = rank < params.top_k[:, None]
-    prefix = torch.where(keep, ranked, 0).double().cumsum(-1)
+    in_top_k = rank < params.top_k[:, None]
+    prefix = torch.where(in_top_k, ranked, 0).double().cumsum(-1)
     above = torch.nn.functional.pad(prefix[:, :-1], (1, 0))  # mass ranked strictly above each token
-    keep &= above < params.top_p[:, None].double() * prefix[:, -1:]
+    keep = in_top_k & (above < params.top_p[:, None].double() * prefix[:, -1:])
     keep &= ranked >= params.min_p[:, None] * ranked[:, :1]
-    return keep
+    return keep.sum(-1), prefix
+
+
+def _ranked_keep(ranked: torch.Tensor, params: _Params) -> torch.Tensor:
+    """The filters' mask over each row's ranking."""
+    kept, _ = _ranked_filter(ranked, params)
+    return torch.arange(ranked.shape[1], device=ranked.device) < kept[:, None]
 
 
 def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
@@ -126,14 +135,15 @@ def original(logits, params: _Params, generator: torch.Generator | None = None) 
     return _finish(x, tokens, logp, params)
 
 
-def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of a column per row from non-negative ``weights`` with uniforms ``u``;
-    never a column of weight 0 while the row has a positive one."""
-    cdf = weights.double().cumsum(-1)
-    total = cdf[:, -1:]
-    column = torch.searchsorted(cdf, u[:, None] * total, right=True)
-    last = (cdf < total).sum(-1, keepdim=True)  # the last column of positive weight
-    return torch.minimum(column, last).squeeze(-1)
+def _draw(prefix: torch.Tensor, kept: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of a rank per row among its first ``kept`` ranks, from their running
+    mass ``prefix``, with uniforms ``u``; never a rank of probability 0 while the row has a
+    positive one."""
+    last = (kept - 1).clamp(min=0)[:, None]
+    total = prefix.gather(-1, last)
+    column = torch.searchsorted(prefix, u[:, None] * total, right=True)
+    last_positive = (prefix < total).sum(-1, keepdim=True)  # the first rank reaching the total
+    return torch.minimum(column, torch.minimum(last, last_positive)).squeeze(-1)
 
 
 def _greedy(logits: torch.Tensor, params: _Params) -> SampleOutput:
@@ -151,7 +161,8 @@ def _fast(logits, params: _Params) -> SampleOutput:
         ranked, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
     else:
         ranked, indices = probs.sort(dim=-1, descending=True, stable=True)
-    column = _draw(torch.where(_ranked_keep(ranked, params), ranked, torch.zeros_like(ranked)), u)
+    kept, prefix = _ranked_filter(ranked, params)
+    column = _draw(prefix, kept, u)
     tokens = indices.gather(-1, column[:, None]).squeeze(-1)
     return _finish(x, tokens, _LogOf(probs), params)
 
