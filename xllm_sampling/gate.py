@@ -131,7 +131,10 @@ def threshold(kind: str | None = None) -> float | None:
     return table.get(kind or device_kind())
 
 
-def record(benchmark, result: GateResult, fast: Callable[[], object]) -> None:
-    """Put the gate's figures into pytest-benchmark's record and time the fast path for its report."""
+def record(benchmark, result: GateResult, fast: Callable[[], object], ratios: dict[str, float] | None = None) -> None:
+    """Put the gate's figures into pytest-benchmark's record and time the fast path for its report;
+    ``ratios`` are every configuration's when the gate timed several (``result`` is the worst)."""
     benchmark.extra_info.update({"gate": asdict(result), "environment": environment()})
+    if ratios:
+        benchmark.extra_info["gate"]["configurations"] = ratios
     benchmark.pedantic(fast, rounds=max(5, result.rounds // 3), warmup_rounds=1)
