@@ -150,6 +150,9 @@ def test_graph_capture_failure_falls_back_with_one_warning():
         first = runner(x)
     assert torch.equal(first, step(x)) and runner.captures == 0
     assert torch.equal(runner(x), step(x))
+    # torch's CUDA generator still works outside graphs after the failed capture
+    assert torch.randn(3, device="cuda").isfinite().all()
+    assert torch.multinomial(torch.ones(2, 4, device="cuda"), 1).shape == (2, 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -34,6 +34,18 @@ def _map_output(output, fn):
     return type(output)(*values) if hasattr(output, "_fields") else type(output)(values)
 
 
+def _end_generator_capture() -> None:
+    """A failed capture ends before torch closes its capture of the CUDA generators, which then
+    refuse every later random op outside a graph ("Offset increment outside graph capture"). An
+    empty capture opens and closes it again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the graph is empty
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pass
+        graph.reset()
+
+
 class GraphRunner:
     """Replay ``fn(*tensors)`` from per-bucket CUDA graphs; eager where no graph can be used.
 
@@ -95,6 +107,7 @@ class GraphRunner:
                 warnings.warn(f"xllm_sampling: CUDA graph capture of {self.name} for batch bucket {bucket} "
                               f"failed, running it eagerly: {e}", RuntimeWarning, stacklevel=3)
                 torch.cuda.synchronize()
+                _end_generator_capture()
                 return None
             self.captures += 1
             log.info("%s: captured CUDA graph for batch bucket %d in %.1f ms", self.name, bucket,
