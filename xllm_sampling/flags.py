@@ -129,6 +129,16 @@ def read_file_lenient(path: str | os.PathLike) -> tuple[dict[str, Any], list[str
     return values, problems
 
 
+def set_in_file(path: str | os.PathLike, name: str, value: Any) -> list[str]:
+    """Set flag ``name`` in a flags file (made if absent), keeping its other entries that parse;
+    returns the problems of the entries dropped, so that a broken file never blocks a repair."""
+    value = parse(name, value)
+    values, problems = read_file_lenient(path) if os.path.exists(path) else ({}, [])
+    values[name] = value
+    write_file(path, values)
+    return problems
+
+
 def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
     """Write ``values`` as a flags file, replacing it atomically."""
     path = Path(path)

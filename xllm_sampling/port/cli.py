@@ -18,7 +18,7 @@ from ..paths import SERIES_DIR
 from . import driver
 from .errors import PortError, UsageError
 from .target import BRANCH
-from .transaction import Interrupted, interruptible
+from .transaction import Interrupted, interruptible, signal_name
 
 BENCH_OPS = ("logit_softmax", "topk", "sampling", "beam_search")  # xllm_sampling.bench.OPS, without importing torch
 BENCH_ALL_OPS = BENCH_OPS + ("topk_unsorted", "topk1024", "topk1024_unsorted")
@@ -130,9 +130,9 @@ def _flags(args) -> object:
         raise UsageError("xllm-port flags set: a value is required")
     if path is None:
         raise UsageError(f"xllm-port flags set: give --target DIR or set {flags.FLAGS_FILE_ENV}")
-    file_values[args.name] = flags.parse(args.name, args.value)
-    flags.write_file(path, file_values)
-    return {"name": args.name, "value": file_values[args.name], "file": str(path)}
+    value = flags.parse(args.name, args.value)
+    flags.set_in_file(path, args.name, value)
+    return {"name": args.name, "value": value, "file": str(path)}
 
 
 def _demo(args, progress) -> tuple[object, int]:
@@ -205,8 +205,7 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as e:  # unknown flag names and bad flag values
         return _error(str(e), 2, as_json)
     except (KeyboardInterrupt, Interrupted) as e:
-        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
-        return _error(f"interrupted by {name}; nothing was left half done", 1, as_json)
+        return _error(f"interrupted by {signal_name(e)}; nothing was left half done", 1, as_json)
     _output(args, result)
     return code
 

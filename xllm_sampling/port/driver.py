@@ -10,7 +10,7 @@ from typing import Callable
 from .. import flags, nvtx
 from . import checks, series, target
 from .errors import StepFailed, UsageError
-from .transaction import Interrupted, Transaction
+from .transaction import Interrupted, Transaction, signal_name
 
 Progress = Callable[[str], None]
 
@@ -32,8 +32,8 @@ def _now() -> str:
 
 
 def target_flags(repo) -> dict:
-    """The flag values the target's processes see: defaults, then the target's flags file (its
-    entries that parse; a broken entry is reported by :func:`flag_file_problems`)."""
+    """The flag values the target's processes see: defaults, then the target's flags file (the
+    entries that parse; the ops skip a broken file the same way, with a warning)."""
     values = {name: d.default for name, d in flags.DEFINITIONS.items()}
     path = target.flags_file(repo)
     if path.exists():
@@ -108,36 +108,29 @@ def _recover(tx: Transaction, progress: Progress) -> StepReport | None:
 def _flag_back_on(repo, step: series.Step, progress: Progress) -> str:
     """A step being applied is verified with its flag on: undo an earlier ``rollback --mode flag``."""
     path = target.flags_file(repo)
-    if not path.exists():
+    if not path.exists() or flags.read_file_lenient(path)[0].get(step.flag, True) is not False:
         return ""
-    values, _ = flags.read_file_lenient(path)
-    if values.get(step.flag, True) is not False:
-        return ""
-    values[step.flag] = True
-    flags.write_file(path, values)
+    flags.set_in_file(path, step.flag, True)
     message = f"flag {step.flag} was off in {path} (an earlier rollback --mode flag): turned back on"
     progress(f"  {step.name}: {message}")
     return message
 
 
+@contextlib.contextmanager
 def _guarded(tx: Transaction, step_name: str, head: str):
     """Restore the step in progress on any failure or interrupt, and say how it ended."""
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except StepFailed as e:
-            kept = tx.restore()
-            raise StepFailed(f"{e} (target restored to {head[:10]}{_kept(kept)})") from None
-        except (KeyboardInterrupt, Interrupted) as e:
-            kept = tx.restore()
-            name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
-            raise StepFailed(f"{step_name}: interrupted by {name} (target restored to {head[:10]}{_kept(kept)})") from None
-        except BaseException:
-            tx.restore()
-            raise
-
-    return guard()
+    try:
+        yield
+    except StepFailed as e:
+        kept = tx.restore()
+        raise StepFailed(f"{e} (target restored to {head[:10]}{_kept(kept)})") from None
+    except (KeyboardInterrupt, Interrupted) as e:
+        kept = tx.restore()
+        raise StepFailed(f"{step_name}: interrupted by {signal_name(e)} "
+                         f"(target restored to {head[:10]}{_kept(kept)})") from None
+    except BaseException:
+        tx.restore()
+        raise
 
 
 def _kept(kept: list[str]) -> str:
@@ -239,9 +232,7 @@ def rollback(target_dir: Path, series_dir: Path, step_name: str, mode: str, casc
     if mode == "flag":  # no lock: the instant rollback must work even while an apply runs
         with target.open_repo(target_dir) as repo:
             path = target.flags_file(repo)
-            values, problems = flags.read_file_lenient(path) if path.exists() else ({}, [])
-            values[step.flag] = False
-            flags.write_file(path, values)
+            problems = flags.set_in_file(path, step.flag, False)
         for problem in problems:
             progress(f"dropped from {path}: {problem}")
         progress(f"{step.name}: flag {step.flag}=false in {path}; processes reading "

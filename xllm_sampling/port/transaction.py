@@ -185,11 +185,11 @@ class Transaction:
         kept = []
         for p, before in journal.before.items():
             now = blob_sha(self.root / p)
-            ours = now == journal.after.get(p, now) if journal.phase != "changing" else True
             if now == before:
                 continue
-            if not ours:
-                kept.append(p)
+            # While the step was changing the tree, whatever differs from HEAD is the step's.
+            if journal.phase != "changing" and now != journal.after[p]:
+                kept.append(p)  # the user edited it after the step: theirs now
                 continue
             if before is None:
                 (self.root / p).unlink(missing_ok=True)
@@ -241,6 +241,11 @@ def _signals_ignored():
 
 class Interrupted(BaseException):
     """SIGTERM (or SIGHUP) arrived: unwind like KeyboardInterrupt, restoring on the way."""
+
+
+def signal_name(interrupt: BaseException) -> str:
+    """The signal behind a KeyboardInterrupt or an :class:`Interrupted`."""
+    return "SIGINT" if isinstance(interrupt, KeyboardInterrupt) else str(interrupt)
 
 
 @contextlib.contextmanager
