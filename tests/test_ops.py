@@ -215,22 +215,36 @@ def test_sample_keeps_tied_tokens_by_rank_lower_index_first(device, flag):
 @pytest.mark.parametrize("rank", [1, 15000, 29000])
 def test_top_p_boundary_is_exact(device, rank):
     """top_p one float32 step above and below the exact mass of the first ``rank`` tokens keeps
-    ``rank + 1`` and ``rank`` tokens: the float64 exclusive prefix is exact to ~1e-12, far inside
-    a float32 step (6e-8 relative). A float32 cumulative sum minus the token's own mass is off by
-    up to ~1e-6 at 30000 tokens and misplaces such boundaries."""
+    ``rank + 1`` and ``rank`` tokens, on both paths: their float64 sums are exact to ~1e-12, far
+    inside a float32 step (6e-8 relative). A float32 cumulative sum minus the token's own mass is
+    off by up to ~1e-6 at 30000 tokens and misplaces such boundaries. The fast path is asked for
+    the token at the boundary itself: a position whose uniform lands inside that token's mass."""
     import math
 
+    from xllm_sampling import rng
     from xllm_sampling.ops import sampler
 
-    probs = torch.softmax(torch.randn(30000) * 0.3, -1).sort(descending=True).values
-    exact = math.fsum(probs[:rank].tolist()) / math.fsum(probs.tolist())
+    logits = (torch.randn(30000) * 0.3).sort(descending=True).values.to(device)  # rank = index
+    # the fast path's weights, computed on the device as its kernel does
+    w = torch.exp2((logits - logits.max()) * torch.tensor(sampler.LOG2E, dtype=torch.float32, device=device))
+    w = w.double().cpu().tolist()
+    total = math.fsum(w)
+    exact = math.fsum(w[:rank]) / total
     below = torch.tensor(exact, dtype=torch.float32)
     below = below if below.item() < exact else torch.nextafter(below, torch.tensor(0.0))
     above = torch.nextafter(below, torch.tensor(1.0))
-    ranked = probs.to(device)[None]
+    lo, hi = exact, exact + w[rank] / total  # the boundary token's share of the uniform
+    u = rng.uniform_torch(torch.zeros(1 << 20, dtype=torch.int64), torch.arange(1 << 20))
+    position = int(((u - (lo + hi) / 2).abs()).argmin())
+    assert lo < u[position].item() < hi
+    ranked = torch.softmax(logits, -1)[None]
     for top_p, kept in ((below, rank), (above, rank + 1)):
-        params = sampler._params(ranked, 1.0, 0, top_p.item(), 0.0, 0, 0)
-        assert sampler._ranked_keep(ranked, params).sum().item() == kept
+        one = lambda v, d: torch.tensor([v], dtype=d, device=device)  # noqa: E731
+        keep = sampler._ranked_keep(ranked, one(0, torch.int64), one(top_p.item(), torch.float32), one(0.0, torch.float32))
+        assert keep.sum().item() == kept
+        with flags.override(sampler=True):
+            token = xs.sample(logits[None], top_p=top_p.item(), seed=0, position=position).tokens.item()
+        assert (token == rank) if kept == rank + 1 else (token < rank)
 
 
 @pytest.mark.parametrize("device", DEVICES)

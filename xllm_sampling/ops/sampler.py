@@ -1,22 +1,27 @@
-"""Step 3, ``sampler``: greedy / temperature / top-k / top-p / min-p sampling without a full sort.
+"""Step 3, ``sampler``: logits to one token per row, sorting-free, in one CUDA launch.
 
-Filters, in order: top-k, then top-p on the renormalised top-k mass (a token is kept while the
-mass ranked strictly above it is under ``top_p``), then min-p (``p >= min_p * p_max``).
-Temperature 0 means greedy (argmax of the raw logits). A row with a NaN or +inf logit, or with
-every logit -inf, gets token -1 and logprob NaN (no host synchronisation is spent to detect it).
+Per request (a number for every row or a (batch,) tensor): penalties over the request's
+generated tokens, temperature (0 = greedy: the argmax, lowest index on ties), top-k, top-p,
+min-p, and the ``seed`` / ``position`` keys of the counter-based generator.
 
-Both paths rank each row's tokens by probability, equal probabilities by ascending index, and
-apply the filters to that ranking, so ties are kept by the same rule everywhere: of tokens tied
-at a boundary the lower indices are kept. The top-p sums run in float64 over an exclusive
-prefix (never a cumulative sum minus the token's own mass, which loses the boundary).
+Semantics, every path:
+  * penalties first, on float32 logits: for each token generated c > 0 times, the repetition
+    penalty (score * r where score < 0, else score / r), then score - c * frequency - presence;
+  * the ranking: processed logits descending, equal values by ascending index. top-k keeps the
+    first k ranks, top-p a token while the mass ranked strictly above it is under top_p times
+    the top-k mass (float64 sums), min-p tokens with p >= min_p * p_max; each keeps a prefix of
+    the ranking, so ties at a boundary keep the lower indices;
+  * a row with a NaN or +inf logit, or with every logit -inf, gives token -1 and logprob NaN;
+  * the logprob is the chosen token's log-probability after penalties and temperature (before
+    the filters), as the original path returns it.
 
-The fast path draws by inverse CDF over the ranked candidates with a uniform from Philox keyed
-by each request's ``seed`` and ``position``; a row's candidates beyond its own top-k weigh
-nothing, so the token does not depend on the batch's largest top-k nor on the row or batch the
-request is in. With every row's top-k known on the host and at most ``CANDIDATE_MAX`` (1024),
-the candidates come from the top-k kernel; otherwise from a full sort (until the sampling kernel
-lands). When every row is greedy and that is known on the host, the step is an argmax.
-Flag ``sampler`` off: the original sort-based sampler (``torch.multinomial`` with ``generator``).
+Flag ``sampler`` on: the draw of ``csrc/sampler/sampling.cuh`` (the module docstring of that
+header has the method): the candidates' mass in vocabulary order, a float64 uniform from Philox
+keyed by (seed, position, round), and top-p by rejection over pivots. On a GPU it is one kernel
+launch with no host synchronisation (capturable in a CUDA graph); elsewhere the same algorithm
+in torch (:func:`draw`), which draws the same tokens up to float rounding at a boundary. A
+request's tokens depend on its seed and position only, never on its row or batch.
+Flag off: the original sort-based sampler (``torch.multinomial`` with ``generator``).
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _checks, flags, nvtx, rng
-from .air_topk import KERNEL_MAX_K as CANDIDATE_MAX, air_topk_last_dim
-from .logit_softmax import logit_softmax
+from .. import _checks, flags, kernels, nvtx, rng
+
+LOG2E = 1.4426950408889634
+MAX_ROUNDS = 32  # top-p rejection rounds at most (each shrinks the candidates; then the argmax)
+KERNEL_MAX_PENALTY_TOKENS = 1024  # longer generated-token lists are counted in torch first
 
 
 class SampleOutput(NamedTuple):
@@ -36,159 +43,262 @@ class SampleOutput(NamedTuple):
     logprobs: torch.Tensor
 
 
+class Penalties(NamedTuple):
+    """Generated tokens (batch, L) int64, -1 padding, and the three penalties (number or (batch,))."""
+
+    tokens: torch.Tensor
+    frequency: float | torch.Tensor
+    presence: float | torch.Tensor
+    repetition: float | torch.Tensor
+
+
 class _Params(NamedTuple):
-    temperature: torch.Tensor  # float32, 0 = greedy
-    top_k: torch.Tensor  # int64 in [1, vocab]; vocab = off
-    top_p: torch.Tensor  # float32 in (0, 1]
-    min_p: torch.Tensor  # float32 in [0, 1]
-    seed: torch.Tensor  # int64
-    position: torch.Tensor  # int64
-    k_max: int  # largest top_k of any row, known on the host
-    all_greedy: bool  # every row has temperature 0, known on the host
+    """Checked parameters: Python numbers (the same for every row) or (batch,) tensors on the logits' device."""
+
+    temperature: float | torch.Tensor  # 0 = greedy
+    top_k: int | torch.Tensor  # <= 0 or >= vocab: off
+    top_p: float | torch.Tensor
+    min_p: float | torch.Tensor
+    seed: int | torch.Tensor
+    position: int | torch.Tensor
+    penalties: Penalties | None
 
 
-def _params(logits, temperature, top_k, top_p, min_p, seed, position) -> _Params:
-    batch, vocab = logits.shape
-    dev = logits.device
+_RANGES = {  # name: (dtype, default, lo, hi, lo_open)
+    "temperature": (torch.float32, 1.0, 0.0, float("inf"), False),
+    "top_k": (torch.int64, 0, 0, float("inf"), False),
+    "top_p": (torch.float32, 1.0, 0.0, 1.0, True),
+    "min_p": (torch.float32, 0.0, 0.0, 1.0, False),
+    "seed": (torch.int64, 0, -float("inf"), float("inf"), False),
+    "position": (torch.int64, 0, -float("inf"), float("inf"), False),
+    "frequency_penalty": (torch.float32, 0.0, -float("inf"), float("inf"), False),
+    "presence_penalty": (torch.float32, 0.0, -float("inf"), float("inf"), False),
+    "repetition_penalty": (torch.float32, 1.0, 0.0, float("inf"), True),
+}
 
-    def host_or_device(name, value, dtype):
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and dev.type != "cpu":
-            _checks.per_row(name, value, batch, value.device, dtype)
-            value = value.to(dev, non_blocking=True)
-        return _checks.per_row(name, value, batch, dev, dtype)
 
-    for name, value, lo, hi in (("temperature", temperature, 0.0, float("inf")), ("top_p", top_p, 0.0, 1.0),
-                                ("min_p", min_p, 0.0, 1.0), ("top_k", top_k, 0, float("inf"))):
+def _param(name: str, value, logits: torch.Tensor):
+    """One per-request parameter, checked: a Python number, or a (batch,) tensor of its dtype on
+    the logits' device (a CPU tensor is checked, then copied without blocking)."""
+    dtype, default, lo, hi, lo_open = _RANGES[name]
+    if value is None:
+        return default
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
         _checks.number_in(name, value, lo, hi)
-        if isinstance(value, torch.Tensor):
-            _checks.values_in(name, value, lo, hi, lo_open=name == "top_p", hi_open=False)
-    if isinstance(top_p, (int, float)) and top_p == 0:
-        raise ValueError("top_p: value 0 outside (0, 1]")
-    t = host_or_device("temperature", 1.0 if temperature is None else temperature, torch.float32)
-    if isinstance(top_k, torch.Tensor):
-        k = _checks.per_row("top_k", top_k, batch, top_k.device, torch.int64)
-        k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
-        k_max = int(k.max()) if k.device.type == "cpu" else vocab  # a device tensor is not read: no sync
-        k = host_or_device("top_k", k, torch.int64)
-    else:  # one number for every row: known on the host, nothing to copy (graph-capture safe)
-        top_k = 0 if top_k is None else int(_checks.per_row("top_k", top_k, 1, torch.device("cpu"), torch.int64))
-        k_max = top_k if 0 < top_k < vocab else vocab
-        k = torch.full((batch,), k_max, dtype=torch.int64, device=dev)
-    p = host_or_device("top_p", 1.0 if top_p is None else top_p, torch.float32)
-    m = host_or_device("min_p", 0.0 if min_p is None else min_p, torch.float32)
-    seed = host_or_device("seed", 0 if seed is None else seed, torch.int64)
-    position = host_or_device("position", 0 if position is None else position, torch.int64)
-    if isinstance(temperature, torch.Tensor):
-        all_greedy = temperature.device.type == "cpu" and bool((temperature == 0).all())
-    else:
-        all_greedy = temperature == 0
-    return _Params(t, k, p, m, seed, position, k_max, all_greedy)
+        if dtype == torch.int64:
+            return int(_checks.per_row(name, value, 1, torch.device("cpu"), dtype))
+        if lo_open and value == lo:
+            raise ValueError(f"{name}: value {value} outside ({lo}, {hi}]")
+        return float(value)
+    batch = logits.shape[0]
+    t = _checks.per_row(name, value, batch, value.device, dtype)
+    _checks.values_in(name, t, lo, hi, lo_open=lo_open, hi_open=False)
+    return t.to(logits.device, non_blocking=True).contiguous()
+
+
+def _params(logits, temperature=None, top_k=None, top_p=None, min_p=None, seed=None, position=None,
+            generated=None, frequency_penalty=None, presence_penalty=None, repetition_penalty=None) -> _Params:
+    p = {name: _param(name, value, logits) for name, value in (
+        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
+        ("position", position), ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty),
+        ("repetition_penalty", repetition_penalty))}
+    penalties = None
+    if generated is not None:
+        if not isinstance(generated, torch.Tensor) or generated.dim() != 2 or generated.shape[0] != logits.shape[0]:
+            raise ValueError(f"generated: expected a (batch, L) integer tensor, batch {logits.shape[0]}")
+        if generated.dtype.is_floating_point or generated.dtype == torch.bool:
+            raise ValueError(f"generated: dtype {generated.dtype} where an integer tensor is expected")
+        penalties = Penalties(generated.to(logits.device, torch.int64, non_blocking=True).contiguous(),
+                              p["frequency_penalty"], p["presence_penalty"], p["repetition_penalty"])
+    return _Params(p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"], p["position"], penalties)
+
+
+def _rows(value, batch: int, device, dtype) -> torch.Tensor:
+    """A parameter as a (batch,) tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def apply_penalties(x: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Float32 logits ``x`` with the penalties applied (a new tensor): for each token generated
+    c > 0 times, score * r where score < 0 else score / r, then score - c * frequency - presence.
+    Token ids outside [0, vocab) are ignored."""
+    batch, vocab = x.shape
+    ids = penalties.tokens
+    valid = (ids >= 0) & (ids < vocab)
+    counts = torch.zeros(batch, vocab, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(1, torch.where(valid, ids, 0), valid.int())
+    seen = counts > 0
+    col = lambda v: _rows(v, batch, x.device, torch.float32)[:, None]  # noqa: E731
+    r = col(penalties.repetition)
+    x = torch.where(seen, torch.where(x < 0, x * r, x / r), x)
+    return torch.where(seen, x - counts.float() * col(penalties.frequency) - col(penalties.presence), x)
+
+
+def _processed(logits: torch.Tensor, params: _Params) -> torch.Tensor:
+    """Float32 logits after the penalties, with -0 made +0 (equal values rank by index alone)."""
+    x = logits.float()
+    if params.penalties is not None:
+        x = apply_penalties(x, params.penalties)
+    return x + 0.0
 
 
 def _invalid_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
 
 
-def _finish(x, tokens, logp: torch.Tensor, params) -> SampleOutput:
-    """Greedy rows take the argmax, invalid rows -1; logprobs gathered from ``logp`` for the final tokens."""
-    tokens = torch.where(params.temperature == 0, x.argmax(-1), tokens)
-    invalid = _invalid_rows(x)
-    logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1).float()
-    tokens = torch.where(invalid, torch.full_like(tokens, -1), tokens)
-    logprobs = torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs)
-    return SampleOutput(tokens, logprobs)
-
-
-def _ranked_filter(ranked: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Filter each row's ranked probabilities (descending, ties by ascending index): top-k, then
-    top-p on the renormalised top-k mass, then min-p. Each filter keeps a prefix of the ranking,
-    so the result is a count per row, with the float64 running mass of the ranking under top-k.
-
-    Returns (kept: int64 (batch,), prefix: float64 (batch, n) cumulative mass)."""
+def _ranked_keep(ranked: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
+    """The filters' mask over each row's ranked probabilities (descending, ties by ascending
+    index): top-k, then top-p on the renormalised top-k mass (the float64 mass ranked strictly
+    above a token under top_p times the top-k mass), then min-p. Parameters are (batch,) tensors."""
     rank = torch.arange(ranked.shape[1], device=ranked.device)
-    in_top_k = rank < params.top_k[:, None]
-    prefix = torch.where(in_top_k, ranked, 0).double().cumsum(-1)
+    vocab = ranked.shape[1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    keep = rank < k[:, None]
+    prefix = torch.where(keep, ranked, 0).double().cumsum(-1)
     above = torch.nn.functional.pad(prefix[:, :-1], (1, 0))  # mass ranked strictly above each token
-    keep = in_top_k & (above < params.top_p[:, None].double() * prefix[:, -1:])
-    keep &= ranked >= params.min_p[:, None] * ranked[:, :1]
-    return keep.sum(-1), prefix
-
-
-def _ranked_keep(ranked: torch.Tensor, params: _Params) -> torch.Tensor:
-    """The filters' mask over each row's ranking."""
-    kept, _ = _ranked_filter(ranked, params)
-    return torch.arange(ranked.shape[1], device=ranked.device) < kept[:, None]
+    keep &= above < top_p[:, None].double() * prefix[:, -1:]
+    return keep & (ranked >= min_p[:, None] * ranked[:, :1])
 
 
 def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
     """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``."""
     x = logits.float()
-    t = torch.where(params.temperature == 0, torch.ones_like(params.temperature), params.temperature)
+    if params.penalties is not None:
+        x = apply_penalties(x, params.penalties)
+    batch, dev = x.shape[0], x.device
+    temperature = _rows(params.temperature, batch, dev, torch.float32)
+    t = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(x / t[:, None], -1)
     probs = logp.exp()
     sorted_p, sorted_i = probs.sort(dim=-1, descending=True, stable=True)
-    filtered = torch.where(_ranked_keep(sorted_p, params), sorted_p, torch.zeros_like(sorted_p))
-    filtered = torch.nan_to_num(filtered, nan=0.0)
+    keep = _ranked_keep(sorted_p, *(_rows(v, batch, dev, d) for v, d in (
+        (params.top_k, torch.int64), (params.top_p, torch.float32), (params.min_p, torch.float32))))
+    filtered = torch.nan_to_num(torch.where(keep, sorted_p, torch.zeros_like(sorted_p)), nan=0.0)
     filtered[:, 0] += (filtered.sum(-1) == 0).float()  # an invalid row draws something harmless
-    choice = torch.multinomial(filtered, 1, generator=generator)
-    tokens = sorted_i.gather(-1, choice).squeeze(-1)
-    return _finish(x, tokens, logp, params)
+    tokens = sorted_i.gather(-1, torch.multinomial(filtered, 1, generator=generator)).squeeze(-1)
+    tokens = torch.where(temperature == 0, x.argmax(-1), tokens)
+    invalid = _invalid_rows(x)
+    logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    tokens = torch.where(invalid, torch.full_like(tokens, -1), tokens)
+    return SampleOutput(tokens, torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs))
 
 
-def _draw(prefix: torch.Tensor, kept: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of a rank per row among its first ``kept`` ranks, from their running
-    mass ``prefix``, with uniforms ``u``; never a rank of probability 0 while the row has a
-    positive one."""
-    last = (kept - 1).clamp(min=0)[:, None]
-    total = prefix.gather(-1, last)
-    column = torch.searchsorted(prefix, u[:, None] * total, right=True)
-    last_positive = (prefix < total).sum(-1, keepdim=True)  # the first rank reaching the total
-    return torch.minimum(column, torch.minimum(last, last_positive)).squeeze(-1)
+def _first_above(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index where the running float64 sum of ``weight`` exceeds ``target``;
+    the last positive weight when rounding leaves the sum short (never a weight of 0)."""
+    running = weight.cumsum(-1)
+    index = torch.searchsorted(running, target[:, None], right=True).squeeze(-1)
+    positive = weight > 0
+    last = weight.shape[1] - 1 - positive.flip(-1).int().argmax(-1)
+    return torch.where(index < weight.shape[1], index, last).clamp(max=weight.shape[1] - 1)
 
 
-def _greedy(logits: torch.Tensor, params: _Params) -> SampleOutput:
-    x = logits.float()
-    return _finish(x, x.argmax(-1), _LogOf(torch.softmax(x, -1)), params)
+def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
+    """The fast path's algorithm in torch, on processed float32 logits ``x`` (see the module docstring)."""
+    batch, vocab = x.shape
+    dev = x.device
+    invalid = _invalid_rows(x)
+    x = torch.where(invalid[:, None], 0.0, x)
+    row_max, argmax = x.max(-1)
+    temperature = _rows(params.temperature, batch, dev, torch.float32)
+    greedy = temperature == 0
+    c = torch.tensor(LOG2E, dtype=torch.float32, device=dev) / torch.where(greedy, 1.0, temperature)
+    w = torch.exp2((x - row_max[:, None]) * c[:, None])
+    wd = w.double()
+    row_sum = wd.sum(-1)
+    top_k = _rows(params.top_k, batch, dev, torch.int64)
+    top_p = _rows(params.top_p, batch, dev, torch.float32)
+    min_p = _rows(params.min_p, batch, dev, torch.float32)
+    k_on = (top_k > 0) & (top_k < vocab)
+    in_top_k = torch.ones_like(x, dtype=torch.bool)
+    if bool(k_on.any()):
+        k = torch.where(k_on, top_k, 1)
+        kth = x.topk(int(k.max()), -1).values.gather(-1, (k - 1)[:, None])  # the k-th largest value
+        above, tied = x > kth, x == kth
+        keep_tied = k[:, None] - above.sum(-1, keepdim=True)  # ties kept, lowest indices first
+        in_top_k = above | (tied & (tied.int().cumsum(-1) <= keep_tied)) | ~k_on[:, None]
+    candidate = in_top_k & (w >= min_p[:, None])
+    top_p_mass = top_p.double() * torch.where(in_top_k, wd, 0.0).sum(-1)
+    position = _rows(params.position, batch, dev, torch.int64)
+    seed = _rows(params.seed, batch, dev, torch.int64)
+    index = torch.arange(vocab, device=dev)
+    token = argmax.clone()
+    pending = ~(invalid | greedy)
+    pivot = torch.full((batch,), -1, dtype=torch.int64, device=dev)
+    for round_ in range(MAX_ROUNDS):
+        if not bool(pending.any()):
+            break
+        pivot_value = x.gather(-1, pivot.clamp(min=0)[:, None])
+        above_pivot = (pivot[:, None] < 0) | (x > pivot_value) | ((x == pivot_value) & (index < pivot[:, None]))
+        weight = torch.where(candidate & above_pivot, wd, 0.0)
+        u = rng.uniform(seed, position, round_)
+        chosen = _first_above(weight, u * weight.sum(-1))
+        token = torch.where(pending, chosen, token)
+        pending &= top_p < 1  # without top-p the first draw stands
+        chosen_value = x.gather(-1, chosen[:, None])
+        ranked_above = (x > chosen_value) | ((x == chosen_value) & (index < chosen[:, None]))
+        above_mass = torch.where(candidate & ranked_above, wd, 0.0).sum(-1)
+        pending &= above_mass >= top_p_mass
+        pivot = torch.where(pending, chosen, pivot)
+    token = torch.where(pending, argmax, token)  # MAX_ROUNDS rejections: the argmax
+    t_eff = torch.where(greedy, 1.0, temperature).double()
+    logprobs = ((x.gather(-1, token[:, None]).squeeze(-1).double() - row_max.double()) / t_eff - row_sum.log()).float()
+    token = torch.where(invalid, -1, token)
+    return SampleOutput(token, torch.where(invalid, float("nan"), logprobs))
 
 
-def _fast(logits, params: _Params) -> SampleOutput:
-    if params.all_greedy:
-        return _greedy(logits, params)
-    x = logits.float()
-    probs = logit_softmax(logits, params.temperature)
-    u = rng.uniform(params.seed, params.position)
-    if params.k_max <= CANDIDATE_MAX:
-        ranked, indices = air_topk_last_dim(probs, params.k_max, sorted_by_value=True)
-    else:
-        ranked, indices = probs.sort(dim=-1, descending=True, stable=True)
-    kept, prefix = _ranked_filter(ranked, params)
-    column = _draw(prefix, kept, u)
-    tokens = indices.gather(-1, column[:, None]).squeeze(-1)
-    return _finish(x, tokens, _LogOf(probs), params)
+def _kernel_call(kernel, logits: torch.Tensor, params: _Params) -> SampleOutput:
+    batch = logits.shape[0]
+    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
+
+    def split(value, default):
+        return (value, default) if isinstance(value, torch.Tensor) else (None, value)
+
+    pen = params.penalties
+    pen_args = [None, None, 0.0, None, 0.0, None, 1.0]
+    if pen is not None:
+        pen_args = [pen.tokens, *split(pen.frequency, 0.0), *split(pen.presence, 0.0), *split(pen.repetition, 1.0)]
+    kernel.sample(logits, *split(params.temperature, 1.0), *split(params.top_k, 0), *split(params.top_p, 1.0),
+                  *split(params.min_p, 0.0), *split(params.seed, 0), *split(params.position, 0), *pen_args,
+                  tokens, logprobs)
+    return SampleOutput(tokens, logprobs)
 
 
-class _LogOf:
-    """``gather`` of log(probs) without taking the log of the whole tensor."""
+def _fast(logits: torch.Tensor, params: _Params) -> SampleOutput:
+    kernel = kernels.load("sampler") if logits.is_cuda else None
+    if kernel is None or logits.shape[1] > kernel.max_vocab(logits.shape[0]):
+        return draw(_processed(logits, params), params)
+    pen = params.penalties
+    if pen is not None and pen.tokens.shape[1] > KERNEL_MAX_PENALTY_TOKENS:
+        logits, params = apply_penalties(logits.float(), pen), params._replace(penalties=None)
+    if pen is not None and pen.tokens.shape[1] == 0:
+        params = params._replace(penalties=None)
+    return _kernel_call(kernel, logits.contiguous(), params)
 
-    def __init__(self, probs: torch.Tensor):
-        self.probs = probs
 
-    def gather(self, dim: int, index: torch.Tensor) -> torch.Tensor:
-        return self.probs.gather(dim, index).log()
-
-
-def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None,
-           seed=0, position=0, generator: torch.Generator | None = None) -> SampleOutput:
-    """Sample one token per row of ``logits`` (batch, vocab).
+def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, seed=0, position=0,
+           generated: torch.Tensor | None = None, frequency_penalty=None, presence_penalty=None,
+           repetition_penalty=None, generator: torch.Generator | None = None) -> SampleOutput:
+    """Sample one token per row of ``logits`` (batch, vocab), float32, bfloat16 or float16.
 
     Every parameter is a number for all rows or a (batch,) tensor, per request, on the host or
-    on the logits' device: ``temperature`` >= 0 (0 = greedy, default 1), ``top_k`` >= 0
-    (0 = off), ``top_p`` in (0, 1] (1 = off), ``min_p`` in [0, 1] (0 = off), ``seed`` and
+    on the logits' device: ``temperature`` >= 0 (0 = greedy, default 1), ``top_k`` (0 or >= vocab
+    = off), ``top_p`` in (0, 1] (1 = off), ``min_p`` in [0, 1] (0 = off), ``seed`` and
     ``position`` int64 keys of the counter-based generator (the fast path's randomness).
-    ``generator`` feeds the original path only. Returns :class:`SampleOutput`.
+    Penalties apply when ``generated`` is given: a (batch, L) integer tensor of each request's
+    generated tokens, -1 padding (a token listed c times counts c times), with
+    ``frequency_penalty`` and ``presence_penalty`` (default 0) and ``repetition_penalty`` > 0
+    (default 1). ``generator`` feeds the original path only. Returns :class:`SampleOutput`.
+    Values on a GPU tensor are not checked (that would cost a host synchronisation).
     """
     _checks.logits_2d("logits", logits)
-    params = _params(logits, temperature, top_k, top_p, min_p, seed, position)
+    params = _params(logits, temperature, top_k, top_p, min_p, seed, position, generated, frequency_penalty,
+                     presence_penalty, repetition_penalty)
     with nvtx.range("sampler"):
         if not flags.enabled("sampler"):
             return original(logits, params, generator)

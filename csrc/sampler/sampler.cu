@@ -1,0 +1,128 @@
+// Step sampler: the binding of the sampling kernel (sampling.cuh) and of the generator (philox.cu).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "launch_helpers.cuh"
+#include "sampler/sampling.cuh"
+
+torch::Tensor uniform(torch::Tensor seed, torch::Tensor position, int64_t stream);
+
+namespace {
+
+namespace s = xllm::sampler;
+using xllm::round_up;
+
+constexpr int64_t kChunkBytes = 40 * 1024;     // cached floats per block where the row allows (several blocks per SM)
+constexpr int64_t kMaxChunkBytes = 100 * 1024;  // the most one block caches
+constexpr int64_t kMinChunk = 1024;             // rows are not split finer than this (elements)
+constexpr int64_t kPenaltyBytes = 2 * s::kPenaltySlots * sizeof(int);
+
+// Blocks per row: the fewest whose chunk fits kChunkBytes, doubled while the batch leaves SMs
+// idle; 0 when a row does not fit 16 blocks' shared memory.
+int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
+  auto chunk = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec); };
+  int cs = 1;
+  while (cs < s::kMaxCluster && chunk(cs) * 4 > kChunkBytes) cs *= 2;
+  if (chunk(cs) * 4 > kMaxChunkBytes || batch > 65535) return 0;
+  while (cs < s::kMaxCluster && batch * cs < sms && chunk(2 * cs) >= kMinChunk) cs *= 2;
+  while (cs > 1 && (cs - 1) * chunk(cs) >= vocab) cs /= 2;  // no block without elements
+  return cs;
+}
+
+template <typename T>
+s::PerRow<T> per_row(const c10::optional<torch::Tensor>& values, double scalar, int64_t batch, c10::ScalarType type,
+                     const char* name) {
+  if (!values.has_value()) return {nullptr, static_cast<T>(scalar)};
+  TORCH_CHECK(values->is_cuda() && values->scalar_type() == type && values->is_contiguous() && values->numel() == batch,
+              name, ": contiguous (batch,) CUDA tensor of ", c10::toString(type));
+  return {values->data_ptr<T>(), static_cast<T>(scalar)};
+}
+
+template <typename T, int VEC, bool PENALTY>
+void launch(const torch::Tensor& logits, s::Args args, int cs) {
+  constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
+  const int64_t shared = args.chunk * 4 + (PENALTY ? kPenaltyBytes : 0);
+  xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kPenaltyBytes), /*nonportable_clusters=*/true);
+  xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, static_cast<unsigned>(logits.size(0))), dim3(s::kThreads),
+                    static_cast<size_t>(shared), reinterpret_cast<const T*>(logits.data_ptr()), args);
+}
+
+template <typename T>
+void dispatch(const torch::Tensor& logits, s::Args args, bool penalty) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool aligned = vocab % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
+  const int vec = aligned ? kVec : 1;
+  const int cs = cluster_size(sms, batch, vocab, vec);
+  TORCH_CHECK(cs > 0, "sample: vocab ", vocab, " too large for the kernel (batch ", batch, ")");
+  args.chunk = round_up((vocab + cs - 1) / cs, vec);
+  if (aligned) {
+    penalty ? launch<T, kVec, true>(logits, args, cs) : launch<T, kVec, false>(logits, args, cs);
+  } else {
+    penalty ? launch<T, 1, true>(logits, args, cs) : launch<T, 1, false>(logits, args, cs);
+  }
+}
+
+}  // namespace
+
+// The largest vocab the kernel takes for a batch (0: none); the op takes its torch path beyond.
+int64_t max_vocab(int64_t batch) {
+  return batch > 65535 ? 0 : s::kMaxCluster * (kMaxChunkBytes / 4);
+}
+
+void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temperature_scalar,
+            c10::optional<torch::Tensor> top_k, int64_t top_k_scalar, c10::optional<torch::Tensor> top_p,
+            double top_p_scalar, c10::optional<torch::Tensor> min_p, double min_p_scalar,
+            c10::optional<torch::Tensor> seed, int64_t seed_scalar, c10::optional<torch::Tensor> position,
+            int64_t position_scalar, c10::optional<torch::Tensor> penalty_tokens,
+            c10::optional<torch::Tensor> frequency, double frequency_scalar, c10::optional<torch::Tensor> presence,
+            double presence_scalar, c10::optional<torch::Tensor> repetition, double repetition_scalar,
+            torch::Tensor tokens, torch::Tensor logprobs) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
+  const int64_t batch = logits.size(0);
+  TORCH_CHECK(tokens.is_cuda() && tokens.scalar_type() == torch::kInt64 && tokens.is_contiguous() && tokens.numel() == batch,
+              "tokens: contiguous int64 (batch,)");
+  TORCH_CHECK(logprobs.is_cuda() && logprobs.scalar_type() == torch::kFloat32 && logprobs.is_contiguous() &&
+                  logprobs.numel() == batch,
+              "logprobs: contiguous float32 (batch,)");
+  TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "logits: vocab below 2^31");
+  s::Args args{};
+  args.vocab = logits.size(1);
+  args.temperature = per_row<float>(temperature, temperature_scalar, batch, torch::kFloat32, "temperature");
+  args.top_p = per_row<float>(top_p, top_p_scalar, batch, torch::kFloat32, "top_p");
+  args.min_p = per_row<float>(min_p, min_p_scalar, batch, torch::kFloat32, "min_p");
+  args.top_k = per_row<int64_t>(top_k, static_cast<double>(top_k_scalar), batch, torch::kInt64, "top_k");
+  args.seed = per_row<int64_t>(seed, 0.0, batch, torch::kInt64, "seed");
+  args.seed.scalar = seed_scalar;
+  args.position = per_row<int64_t>(position, 0.0, batch, torch::kInt64, "position");
+  args.position.scalar = position_scalar;
+  const bool penalty = penalty_tokens.has_value();
+  if (penalty) {
+    TORCH_CHECK(penalty_tokens->is_cuda() && penalty_tokens->scalar_type() == torch::kInt64 &&
+                    penalty_tokens->is_contiguous() && penalty_tokens->dim() == 2 && penalty_tokens->size(0) == batch &&
+                    penalty_tokens->size(1) <= s::kMaxPenaltyTokens,
+                "penalty_tokens: contiguous int64 (batch, L) with L <= ", s::kMaxPenaltyTokens);
+    args.penalty_tokens = penalty_tokens->data_ptr<int64_t>();
+    args.penalty_len = penalty_tokens->size(1);
+  }
+  args.frequency = per_row<float>(frequency, frequency_scalar, batch, torch::kFloat32, "frequency_penalty");
+  args.presence = per_row<float>(presence, presence_scalar, batch, torch::kFloat32, "presence_penalty");
+  args.repetition = per_row<float>(repetition, repetition_scalar, batch, torch::kFloat32, "repetition_penalty");
+  args.tokens = tokens.data_ptr<int64_t>();
+  args.logprobs = logprobs.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  switch (logits.scalar_type()) {
+    case torch::kFloat32: dispatch<float>(logits, args, penalty); break;
+    case torch::kBFloat16: dispatch<__nv_bfloat16>(logits, args, penalty); break;
+    case torch::kFloat16: dispatch<__half>(logits, args, penalty); break;
+    default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("uniform", &uniform, "Philox-4x32-10 uniforms keyed by (seed, position, stream)");
+  m.def("sample", &sample, "one token per row from logits: penalties, temperature, top-k, top-p, min-p, greedy");
+  m.def("max_vocab", &max_vocab, "the largest vocab the sampling kernel takes");
+}

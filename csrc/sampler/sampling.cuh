@@ -1,0 +1,537 @@
+// Step sampler: logits to one token per row in one launch (torch-free kernel; the binding is
+// sampler.cu). One thread-block cluster per row: each block caches its chunk of the row in
+// shared memory as float32 and the blocks combine through distributed shared memory, so the
+// logits are read from global memory once whatever the filters.
+//
+// Per row, on the cached chunk (x: the processed logits, penalties applied, -0 made +0):
+//  1. max, lowest-index argmax, NaN / +inf flags (invalid row: token -1, logprob NaN);
+//  2. S = sum of w = 2^((x - max) * log2(e) / t); temperature 0 is greedy: the argmax;
+//  3. top-k: the k-th key by a radix select (8-bit digits of x's order-preserving bits, four
+//     rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
+//     indices. min-p keeps w >= min_p (w of the max is 1). Both are prefixes of the ranking
+//     (x descending, index ascending), so the candidates C are one membership test;
+//  4. draw: a float64 uniform from Philox keyed by (seed, position, round) times C's mass picks
+//     a block, a warp and a token by the running mass in vocabulary order (float64 sums; never a
+//     token of weight 0: when rounding leaves the running mass short, the last positive one);
+//  5. top-p, by rejection over pivots: the drawn token j is kept when the mass ranked above it
+//     is under top_p times the top-k mass; otherwise every token ranked at or below j is out of
+//     the top-p set too, so C shrinks to the tokens ranked above j and the next round draws from
+//     that. The accepted token is distributed exactly as the filtered distribution. After
+//     kMaxRounds rejections (each shrinking C: practically never) the argmax is taken.
+// Every decision comes from values every block of the cluster reduces the same way, so the
+// blocks stay in step; the draw's order (vocabulary order) does not depend on the cluster
+// size, so a request's token does not depend on its batch.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "philox.cuh"
+
+namespace xllm::sampler {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxCluster = 16;
+constexpr int kBins = 256;                            // radix digit of 8 bits
+constexpr int kMaxRounds = 32;                        // top-p rejection rounds at most
+constexpr int kPenaltySlots = 2048;                   // per-block hash table of penalised tokens
+constexpr int kMaxPenaltyTokens = kPenaltySlots / 2;  // generated tokens per row the kernel takes
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+
+// A per-request parameter: a (batch,) array, or one value for every row when `values` is null.
+template <typename T>
+struct PerRow {
+  const T* values;
+  T scalar;
+  __device__ __forceinline__ T operator[](int64_t row) const { return values ? values[row] : scalar; }
+};
+
+struct Args {
+  int64_t vocab, chunk;  // chunk: elements per block (a multiple of the vector width)
+  PerRow<float> temperature, top_p, min_p;
+  PerRow<int64_t> top_k, seed, position;
+  const int64_t* penalty_tokens;  // (batch, penalty_len) generated tokens, -1 padding; null: none
+  int64_t penalty_len;
+  PerRow<float> frequency, presence, repetition;
+  int64_t* tokens;  // (batch,) out
+  float* logprobs;  // (batch,) out
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// Order-preserving unsigned image of a float that is not NaN (+0 and -0 are made equal first).
+__device__ __forceinline__ uint32_t order_key(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return u ^ ((u >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+__device__ __forceinline__ double warp_inclusive_scan(double v, int lane) {
+  for (int off = 1; off < 32; off <<= 1) {
+    const double o = __shfl_up_sync(kFull, v, off);
+    if (lane >= off) v += o;
+  }
+  return v;
+}
+
+// Warp w's stretch of a chunk of n elements: contiguous, a whole number of 32-element steps.
+struct Segment {
+  int begin, end;
+};
+__device__ __forceinline__ Segment segment_of(int warp, int n) {
+  const int per = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
+  return {min(warp * per, n), min((warp + 1) * per, n)};
+}
+
+// One block's part of a cluster-wide exchange (double-buffered: one cluster.sync per exchange).
+struct Slot {
+  double mass, mass2;
+  float value;
+  int index;
+  int flags;  // 1: a NaN, 2: a +inf
+};
+
+struct Shared {
+  Slot slot[2];
+  int hist[2][kBins];
+  double warp_mass[kWarps];
+  // Row state, written by one thread and read by all after a __syncthreads.
+  float max;
+  int argmax, invalid;
+  double total, top_k_mass, block_mass[kMaxCluster];
+  uint32_t digit_prefix;
+  int digit_target, eq_before, eq_own, chosen_block, walk_result, chosen_index;
+  float chosen_value;
+};
+
+// Sum of weight(i, x) over the block's chunk, in warp segments (each warp's part left in
+// sh.warp_mass for a walk). Every thread returns the block's sum (warps added in order).
+template <typename F>
+__device__ double block_mass(const float* cache, int n, Shared& sh, F weight) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Segment s = segment_of(warp, n);
+  double acc = 0.0;
+  for (int i = s.begin + lane; i < s.end; i += 32) acc += weight(i, cache[i]);
+  acc = warp_sum(acc);
+  if (lane == 0) sh.warp_mass[warp] = acc;
+  __syncthreads();
+  double total = 0.0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += sh.warp_mass[w];
+  return total;
+}
+
+// The chunk index where the running sum of weight (vocabulary order) first exceeds `target`,
+// from the warp parts of the block_mass just taken with the same weight; a token of positive
+// weight always (rounding that leaves the sum short gives the last positive one). All threads
+// of the block call it; the answer comes back to all.
+template <typename F>
+__device__ int walk(const float* cache, int n, double target, Shared& sh, F weight) {
+  int chosen = -1, last = -1;
+  double base = 0.0, chosen_base = 0.0, last_base = 0.0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const double m = sh.warp_mass[w];
+    if (m > 0.0) {
+      last = w;
+      last_base = base;
+      if (chosen < 0 && base + m > target) {
+        chosen = w;
+        chosen_base = base;
+      }
+    }
+    base += m;
+  }
+  if (chosen < 0) {
+    chosen = last;
+    chosen_base = last_base;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp == chosen) {
+    const Segment s = segment_of(warp, n);
+    double run = chosen_base;
+    int found = -1, last_positive = -1;
+    for (int b = s.begin; b < s.end && found < 0; b += 32) {
+      const int i = b + lane;
+      const double v = i < s.end ? weight(i, cache[i]) : 0.0;
+      const double inclusive = warp_inclusive_scan(v, lane);
+      const unsigned cross = __ballot_sync(kFull, v > 0.0 && run + inclusive > target);
+      const unsigned positive = __ballot_sync(kFull, v > 0.0);
+      if (cross) {
+        found = b + __ffs(cross) - 1;
+      } else if (positive) {
+        last_positive = b + 31 - __clz(positive);
+      }
+      run += __shfl_sync(kFull, inclusive, 31);
+    }
+    if (lane == 0) sh.walk_result = found >= 0 ? found : last_positive;
+  }
+  __syncthreads();
+  return sh.walk_result;
+}
+
+// Warp 0, lane r: block r's slot of exchange `phase` (lanes past the cluster get `empty`).
+__device__ __forceinline__ Slot remote_slot(cg::cluster_group& cluster, Shared& sh, int phase, Slot empty) {
+  const unsigned lane = threadIdx.x % 32;
+  return lane < cluster.num_blocks() ? *cluster.map_shared_rank(&sh.slot[phase], lane) : empty;
+}
+
+// Warp 0: from the blocks' masses (lane r: block r's), the block where the running mass first
+// exceeds target (the last with positive mass when rounding leaves it short), and the mass before it.
+__device__ __forceinline__ void choose_block(double mass, double target, Shared& sh) {
+  const int lane = threadIdx.x % 32;
+  const double inclusive = warp_inclusive_scan(mass, lane);
+  const unsigned cross = __ballot_sync(kFull, mass > 0.0 && inclusive > target);
+  const unsigned positive = __ballot_sync(kFull, mass > 0.0);
+  const int b = cross ? __ffs(cross) - 1 : 31 - __clz(positive);
+  const double before = __shfl_sync(kFull, inclusive - mass, b);
+  if (lane == 0) {
+    sh.chosen_block = b;
+    sh.total = before;  // reused: the mass before the chosen block
+  }
+}
+
+// Radix select of the k-th largest key of the row (1 <= k < vocab): leaves the key in
+// sh.digit_prefix, the number of tokens equal to it to keep in sh.digit_target, and this
+// block's count of equal tokens and of those in blocks before it in sh.eq_own / sh.eq_before.
+__device__ void radix_select(cg::cluster_group& cluster, const float* cache, int n, int64_t k, Shared& sh) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  const Segment s = segment_of(warp, n);
+  uint32_t prefix = 0, mask = 0;
+  int target = static_cast<int>(k);
+  __shared__ int warp_total[kWarps];
+#pragma unroll 1
+  for (int round = 0; round < 4; ++round) {
+    const int shift = 24 - 8 * round;
+    int* h = sh.hist[round & 1];
+    h[tid] = 0;  // kThreads == kBins
+    __syncthreads();
+    for (int b = s.begin; b < s.end; b += 32) {
+      const int i = b + lane;
+      int digit = kBins;
+      if (i < s.end) {
+        const uint32_t key = order_key(cache[i]);
+        if ((key & mask) == prefix) digit = static_cast<int>((key >> shift) & 0xFF);
+      }
+      const unsigned peers = __match_any_sync(kFull, digit);
+      if (digit != kBins && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
+    }
+    cluster.sync();
+    int total = 0, before = 0;
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      if (r < static_cast<int>(blocks)) {
+        const int c = *cluster.map_shared_rank(&h[tid], r);
+        total += c;
+        before += r < static_cast<int>(rank) ? c : 0;
+      }
+    }
+    // Tokens in bins above this one: a suffix sum over the 256 bins.
+    int suffix = total;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int o = __shfl_down_sync(kFull, suffix, off);
+      if (lane + off < 32) suffix += o;
+    }
+    if (lane == 0) warp_total[warp] = suffix;
+    __syncthreads();
+    int above = suffix - total;
+    for (int w = warp + 1; w < kWarps; ++w) above += warp_total[w];
+    if (above < target && above + total >= target) {
+      sh.digit_prefix = prefix | (static_cast<uint32_t>(tid) << shift);
+      sh.digit_target = target - above;
+      sh.eq_before = before;
+      sh.eq_own = h[tid];
+    }
+    __syncthreads();
+    prefix = sh.digit_prefix;
+    target = sh.digit_target;
+    mask |= 0xFFu << shift;
+  }
+}
+
+template <typename T, int VEC, bool PENALTY>
+__global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ logits, Args a) {
+  extern __shared__ __align__(16) float cache[];
+  __shared__ Shared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned rank = cluster.block_rank();
+  const int64_t row = blockIdx.y, vocab = a.vocab;
+  const int64_t begin = static_cast<int64_t>(rank) * a.chunk;
+  const int64_t end = begin + a.chunk < vocab ? begin + a.chunk : vocab;
+  const int n = end > begin ? static_cast<int>(end - begin) : 0;
+
+  // Cache the chunk as float32 (-0 made +0, so that equal values have equal keys).
+  const T* x = logits + row * vocab + begin;
+  for (int i = tid * VEC; i < n; i += kThreads * VEC) {
+    const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(x + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) cache[i + j] = to_float(v.v[j]) + 0.f;
+  }
+  __syncthreads();
+  if constexpr (PENALTY) {
+    // Count this chunk's generated tokens in a hash table, then penalise each once.
+    int* keys = reinterpret_cast<int*>(cache + a.chunk);
+    int* counts = keys + kPenaltySlots;
+    for (int s = tid; s < kPenaltySlots; s += kThreads) {
+      keys[s] = -1;
+      counts[s] = 0;
+    }
+    __syncthreads();
+    const int64_t* generated = a.penalty_tokens + row * a.penalty_len;
+    for (int64_t l = tid; l < a.penalty_len; l += kThreads) {
+      const int64_t token = generated[l];
+      if (token < begin || token >= begin + n) continue;
+      const int local = static_cast<int>(token - begin);
+      uint32_t h = (static_cast<uint32_t>(local) * 2654435761u) & (kPenaltySlots - 1);
+      while (true) {
+        const int prev = atomicCAS(&keys[h], -1, local);
+        if (prev == -1 || prev == local) break;
+        h = (h + 1) & (kPenaltySlots - 1);
+      }
+      atomicAdd(&counts[h], 1);
+    }
+    __syncthreads();
+    const float freq = a.frequency[row], pres = a.presence[row], rep = a.repetition[row];
+    for (int s = tid; s < kPenaltySlots; s += kThreads) {
+      if (keys[s] < 0) continue;
+      float v = cache[keys[s]];
+      v = v < 0.f ? v * rep : v / rep;
+      v = v - static_cast<float>(counts[s]) * freq;
+      cache[keys[s]] = (v - pres) + 0.f;
+    }
+    __syncthreads();
+  }
+
+  // Exchanges alternate between sh.slot[0] and sh.slot[1]: a block writes the one the previous
+  // exchange did not use, which every block finished reading before that exchange's sync.
+  int phase = 0;
+  const Slot empty{0.0, 0.0, -INFINITY, INT32_MAX, 0};
+
+  // 1. Max, lowest-index argmax, NaN / +inf.
+  {
+    const Segment s = segment_of(warp, n);
+    float m = -INFINITY;
+    int arg = INT32_MAX, flags = 0;
+    for (int i = s.begin + lane; i < s.end; i += 32) {
+      const float v = cache[i];
+      if (v != v) flags |= 1;
+      if (v == INFINITY) flags |= 2;
+      if (v > m) {
+        m = v;
+        arg = static_cast<int>(begin) + i;
+      }
+    }
+    __shared__ float wm[kWarps];
+    __shared__ int wa[kWarps], wf[kWarps];
+    for (int off = 16; off > 0; off >>= 1) {
+      const float om = __shfl_xor_sync(kFull, m, off);
+      const int oa = __shfl_xor_sync(kFull, arg, off);
+      if (om > m || (om == m && oa < arg)) {
+        m = om;
+        arg = oa;
+      }
+      flags |= __shfl_xor_sync(kFull, flags, off);
+    }
+    if (lane == 0) {
+      wm[warp] = m;
+      wa[warp] = arg;
+      wf[warp] = flags;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      for (int w = 1; w < kWarps; ++w) {
+        if (wm[w] > m || (wm[w] == m && wa[w] < arg)) {
+          m = wm[w];
+          arg = wa[w];
+        }
+        flags |= wf[w];
+      }
+      sh.slot[phase] = Slot{0.0, 0.0, m, arg, flags};
+    }
+  }
+  cluster.sync();
+  if (warp == 0) {
+    Slot v = remote_slot(cluster, sh, phase, empty);
+    for (int off = 16; off > 0; off >>= 1) {
+      const float om = __shfl_xor_sync(kFull, v.value, off);
+      const int oi = __shfl_xor_sync(kFull, v.index, off);
+      if (om > v.value || (om == v.value && oi < v.index)) {
+        v.value = om;
+        v.index = oi;
+      }
+      v.flags |= __shfl_xor_sync(kFull, v.flags, off);
+    }
+    if (lane == 0) {
+      sh.max = v.value;
+      sh.argmax = v.index;
+      sh.invalid = v.flags != 0 || v.value == -INFINITY;
+    }
+  }
+  phase ^= 1;
+  __syncthreads();
+  const float row_max = sh.max;
+  const float t = a.temperature[row];
+  const bool greedy = t == 0.f;
+  const float c = kLog2e / (greedy ? 1.f : t);
+  const bool invalid = sh.invalid;
+  auto w_of = [&](float v) { return exp2f((v - row_max) * c); };
+  // Exchange: this block's mass in sh.slot[phase]; after it, block r's in sh.block_mass[r] and
+  // the row's total (and of mass2) returned to every thread.
+  auto exchange_mass = [&](double mass, double mass2, double* total2) {
+    if (tid == 0) {
+      sh.slot[phase].mass = mass;
+      sh.slot[phase].mass2 = mass2;
+    }
+    cluster.sync();
+    if (warp == 0) {
+      const Slot v = remote_slot(cluster, sh, phase, empty);
+      const double m = lane < static_cast<int>(cluster.num_blocks()) ? v.mass : 0.0;
+      const double m2 = lane < static_cast<int>(cluster.num_blocks()) ? v.mass2 : 0.0;
+      const double total = warp_sum(m), total2_ = warp_sum(m2);
+      if (lane < kMaxCluster) sh.block_mass[lane] = m;
+      if (lane == 0) {
+        sh.total = total;
+        sh.top_k_mass = total2_;
+      }
+    }
+    phase ^= 1;
+    __syncthreads();
+    if (total2) *total2 = sh.top_k_mass;
+    return sh.total;
+  };
+
+  // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies.
+  const double row_sum =
+      invalid ? 0.0 : exchange_mass(block_mass(cache, n, sh, [&](int, float v) { return static_cast<double>(w_of(v)); }), 0.0, nullptr);
+  bool done = invalid || greedy;
+
+  // 3. Candidates: top-k (radix select), min-p.
+  const int64_t k = a.top_k[row];
+  const float top_p = a.top_p[row], min_p = a.min_p[row];
+  const bool k_on = k > 0 && k < vocab;
+  uint32_t kth_key = 0;
+  int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
+  if (!done && k_on) {
+    radix_select(cluster, cache, n, k, sh);
+    kth_key = sh.digit_prefix;
+    const int keep = sh.digit_target - sh.eq_before;
+    if (keep <= 0) {
+      tie_cut = 0;
+    } else if (keep < sh.eq_own) {
+      const uint32_t key = kth_key;
+      auto tied = [&](int, float v) { return order_key(v) == key ? 1.0 : 0.0; };
+      block_mass(cache, n, sh, tied);
+      tie_cut = 1 + walk(cache, n, keep - 0.5, sh, tied);
+    }
+  }
+  auto in_top_k = [&](int i, float v) {
+    const uint32_t key = order_key(v);
+    return !k_on || key > kth_key || (key == kth_key && i < tie_cut);
+  };
+  auto candidate = [&](int i, float v) { return in_top_k(i, v) && w_of(v) >= min_p; };
+  double top_k_mass = row_sum;
+  if (!done && (k_on || min_p > 0.f)) {
+    const double top_k_part =
+        k_on && top_p < 1.f ? block_mass(cache, n, sh, [&](int i, float v) { return in_top_k(i, v) ? static_cast<double>(w_of(v)) : 0.0; })
+                            : 0.0;
+    // Last, so that its warp parts are the ones the first draw's walk reads.
+    const double mine = block_mass(cache, n, sh, [&](int i, float v) { return candidate(i, v) ? static_cast<double>(w_of(v)) : 0.0; });
+    double tk;
+    exchange_mass(mine, top_k_part, &tk);
+    if (k_on && top_p < 1.f) top_k_mass = tk;
+  }
+
+  // 4-5. Draw; top-p by rejection over pivots.
+  const double top_p_mass = static_cast<double>(top_p) * top_k_mass;
+  int pivot = -1;  // row index of the last rejected token (-1: none)
+  float pivot_value = INFINITY;
+  auto weight = [&](int i, float v) {
+    const int gi = static_cast<int>(begin) + i;
+    const bool above_pivot = pivot < 0 || v > pivot_value || (v == pivot_value && gi < pivot);
+    return above_pivot && candidate(i, v) ? static_cast<double>(w_of(v)) : 0.0;
+  };
+  int token = sh.argmax;
+  float token_value = row_max;
+  bool accepted = done;
+#pragma unroll 1
+  for (int round = 0; round < kMaxRounds && !done; ++round) {
+    if (warp == 0) {
+      const double u = philox_uniform(static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]),
+                                      static_cast<uint32_t>(round));
+      const double m = lane < kMaxCluster ? sh.block_mass[lane] : 0.0;
+      const double target = u * warp_sum(m);
+      choose_block(m, target, sh);
+      if (lane == 0) sh.total = target - sh.total;  // the target within the chosen block
+    }
+    __syncthreads();
+    if (static_cast<int>(rank) == sh.chosen_block) {
+      const int i = walk(cache, n, sh.total, sh, weight);
+      if (tid == 0) {
+        sh.slot[phase].index = static_cast<int>(begin) + i;
+        sh.slot[phase].value = cache[i];
+      }
+    }
+    cluster.sync();
+    if (tid == 0) {
+      const Slot chosen = *cluster.map_shared_rank(&sh.slot[phase], sh.chosen_block);
+      sh.chosen_index = chosen.index;
+      sh.chosen_value = chosen.value;
+    }
+    phase ^= 1;
+    __syncthreads();
+    token = sh.chosen_index;
+    token_value = sh.chosen_value;
+    if (top_p >= 1.f) {
+      accepted = true;
+      break;
+    }
+    // The candidates' mass ranked above the drawn token (all that is ranked above a candidate
+    // is a candidate): the test, and the next round's masses and warp parts.
+    pivot = token;
+    pivot_value = token_value;
+    if (exchange_mass(block_mass(cache, n, sh, weight), 0.0, nullptr) < top_p_mass) {
+      accepted = true;
+      break;
+    }
+  }
+  if (!accepted) {
+    token = sh.argmax;
+    token_value = row_max;
+  }
+  if (rank == 0 && tid == 0) {
+    if (invalid) {
+      a.tokens[row] = -1;
+      a.logprobs[row] = NAN;
+    } else {
+      a.tokens[row] = token;
+      const float t_eff = greedy ? 1.f : t;
+      a.logprobs[row] = static_cast<float>((static_cast<double>(token_value) - row_max) / t_eff - log(row_sum));
+    }
+  }
+  cluster.sync();  // no block leaves while another may read its shared memory
+}
+
+}  // namespace xllm::sampler
