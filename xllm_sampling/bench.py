@@ -23,7 +23,20 @@ OPS = ("logit_softmax", "topk", "sampling", "beam_search")
 # Further top-k cells, on request (--ops): "topk" is k = 50 sorted.
 TOPK_VARIANTS = {"topk": (50, True), "topk_unsorted": (50, False), "topk1024": (1024, True),
                  "topk1024_unsorted": (1024, False)}
-ALL_OPS = OPS + tuple(op for op in TOPK_VARIANTS if op not in OPS)
+# The sampling configurations users run (--ops), temperature 0.8 unless greedy: "sampling" is
+# top-k 50 + top-p 0.9. Each: sample's keyword arguments, and FlashInfer's matching call
+# (x, t) -> tokens, None where FlashInfer has none.
+SAMPLING_VARIANTS = {
+    "sampling": (dict(top_k=50, top_p=0.9),
+                 lambda fi, x, t: fi.sampling.top_k_top_p_sampling_from_logits(x / t[:, None], 50, 0.9)),
+    "sampling_greedy": (dict(temperature=0.0), None),
+    "sampling_plain": (dict(), lambda fi, x, t: fi.sampling.sampling_from_logits(x / t[:, None])),
+    "sampling_top_p": (dict(top_p=0.9), lambda fi, x, t: fi.sampling.top_p_sampling_from_probs(fi.sampling.softmax(x, t), 0.9)),
+    "sampling_min_p": (dict(min_p=0.1), lambda fi, x, t: fi.sampling.min_p_sampling_from_probs(fi.sampling.softmax(x, t), 0.1)),
+    "sampling_penalties": (dict(top_k=50, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2), None),
+}
+PENALTY_TOKENS = 256  # generated tokens per request in "sampling_penalties"
+ALL_OPS = OPS + tuple(op for op in {**TOPK_VARIANTS, **SAMPLING_VARIANTS} if op not in OPS)
 NUM_BEAMS = 4
 
 
@@ -67,9 +80,23 @@ def _implementations(op: str, fi) -> dict[str, Callable | None]:
         fn = lambda x, t: air_topk_last_dim(x, min(k, x.shape[-1]), sorted_by_value=by_value)  # noqa: E731
         ref = fi and (lambda x, t: fi.top_k(x, min(k, x.shape[-1]), sorted=by_value))
         return {"original": with_flag("air_topk", False, fn), "fast": with_flag("air_topk", True, fn), "flashinfer": ref}
-    if op == "sampling":
-        fn = lambda x, t: sample(x, temperature=t, top_k=50, top_p=0.9)  # noqa: E731
-        ref = fi and (lambda x, t: fi.sampling.top_k_top_p_sampling_from_logits(x / t[:, None], 50, 0.9))
+    if op in SAMPLING_VARIANTS:
+        kwargs, fi_call = SAMPLING_VARIANTS[op]
+        per_batch = {}  # batch: (positions, generated tokens), made once, outside the timing
+
+        def fn(x, t):
+            batch, vocab = x.shape
+            if batch not in per_batch:
+                g = torch.Generator(x.device).manual_seed(0)
+                per_batch[batch] = (torch.arange(batch, device=x.device),
+                                    torch.randint(0, vocab, (batch, PENALTY_TOKENS), device=x.device, generator=g))
+            position, generated = per_batch[batch]
+            kw = {"temperature": t, **kwargs}
+            if "frequency_penalty" in kw:
+                kw["generated"] = generated
+            return sample(x, seed=1, position=position, **kw)
+
+        ref = fi and fi_call and (lambda x, t: fi_call(fi, x, t))
         return {"original": with_flag("sampler", False, fn), "fast": with_flag("sampler", True, fn), "flashinfer": ref}
     scores = {}
 
@@ -140,14 +167,14 @@ def table(report: dict) -> str:
     h = report["header"]
     lines = [f"# {h.get('gpu', 'CPU (figures are CPU figures)')}; torch {h['torch']}, CUDA {h['cuda']}, driver "
              f"{h.get('driver')}; copy bandwidth {h['copy_bandwidth_GBps']} GB/s; FlashInfer {h['flashinfer']}",
-             f"{'op':14} {'B':>5} {'V':>7} {'floor us':>9} {'torch us':>14} {'fast us':>14} {'flashinfer us':>14}"]
+             f"{'op':18} {'B':>5} {'V':>7} {'floor us':>9} {'torch us':>14} {'fast us':>14} {'flashinfer us':>14}"]
 
     def fmt(us, floor):
         return f"{'n/a':>14}" if us is None else f"{us:8.1f} ({us / floor:4.1f}x)"
 
     for c in report["cells"]:
         f = c["floor_us"]
-        lines.append(f"{c['op']:14} {c['batch']:5} {c['vocab']:7} {f:9.1f} {fmt(c['original_us'], f)} "
+        lines.append(f"{c['op']:18} {c['batch']:5} {c['vocab']:7} {f:9.1f} {fmt(c['original_us'], f)} "
                      f"{fmt(c['fast_us'], f)} {fmt(c['flashinfer_us'], f)}")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
   auto chunk = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec); };
   int cs = 1;
   while (cs < s::kMaxCluster && chunk(cs) * 4 > kChunkBytes) cs *= 2;
-  if (chunk(cs) * 4 > kMaxChunkBytes || batch > 65535) return 0;
+  if (chunk(cs) * 4 > kMaxChunkBytes) return 0;
   while (cs < s::kMaxCluster && batch * cs < sms && chunk(2 * cs) >= kMinChunk) cs *= 2;
   while (cs > 1 && (cs - 1) * chunk(cs) >= vocab) cs /= 2;  // no block without elements
   return cs;
@@ -39,14 +39,45 @@ s::PerRow<T> per_row(const c10::optional<torch::Tensor>& values, double scalar, 
   return {values->data_ptr<T>(), static_cast<T>(scalar)};
 }
 
+template <typename T>
+const T* offset(const T* p, int64_t rows) { return p ? p + rows : nullptr; }
+template <typename T>
+s::PerRow<T> offset(s::PerRow<T> p, int64_t rows) { return {offset(p.values, rows), p.scalar}; }
+
+// One launch per 65535 rows (the grid's y limit), each with its rows' pointers.
 template <typename T, int VEC, bool PENALTY>
 void launch(const torch::Tensor& logits, s::Args args, int cs) {
   constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
+  constexpr int64_t kMaxRows = 65535;
   const int64_t shared = args.chunk * 4 + (PENALTY ? kPenaltyBytes : 0);
   xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kPenaltyBytes), /*nonportable_clusters=*/true);
-  xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, static_cast<unsigned>(logits.size(0))), dim3(s::kThreads),
-                    static_cast<size_t>(shared), reinterpret_cast<const T*>(logits.data_ptr()), args);
+  const int64_t batch = logits.size(0);
+  for (int64_t start = 0; start < batch; start += kMaxRows) {
+    s::Args part = args;
+    part.temperature = offset(args.temperature, start);
+    part.top_p = offset(args.top_p, start);
+    part.min_p = offset(args.min_p, start);
+    part.top_k = offset(args.top_k, start);
+    part.seed = offset(args.seed, start);
+    part.position = offset(args.position, start);
+    part.frequency = offset(args.frequency, start);
+    part.presence = offset(args.presence, start);
+    part.repetition = offset(args.repetition, start);
+    part.penalty_tokens = offset(args.penalty_tokens, start * args.penalty_len);
+    part.tokens = args.tokens + start;
+    part.logprobs = args.logprobs + start;
+    const unsigned rows = static_cast<unsigned>(std::min(kMaxRows, batch - start));
+    xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, rows), dim3(s::kThreads), static_cast<size_t>(shared),
+                      reinterpret_cast<const T*>(logits.data_ptr()) + start * args.vocab, part);
+  }
 }
+
+}  // namespace
+
+// The largest vocab the kernel takes; the op takes its torch path beyond.
+int64_t max_vocab() { return s::kMaxCluster * (kMaxChunkBytes / 4); }
+
+namespace {
 
 template <typename T>
 void dispatch(const torch::Tensor& logits, s::Args args, bool penalty) {
@@ -56,7 +87,7 @@ void dispatch(const torch::Tensor& logits, s::Args args, bool penalty) {
   const bool aligned = vocab % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
   const int vec = aligned ? kVec : 1;
   const int cs = cluster_size(sms, batch, vocab, vec);
-  TORCH_CHECK(cs > 0, "sample: vocab ", vocab, " too large for the kernel (batch ", batch, ")");
+  TORCH_CHECK(cs > 0, "sample: vocab ", vocab, " above the kernel's ", max_vocab());
   args.chunk = round_up((vocab + cs - 1) / cs, vec);
   if (aligned) {
     penalty ? launch<T, kVec, true>(logits, args, cs) : launch<T, kVec, false>(logits, args, cs);
@@ -66,11 +97,6 @@ void dispatch(const torch::Tensor& logits, s::Args args, bool penalty) {
 }
 
 }  // namespace
-
-// The largest vocab the kernel takes for a batch (0: none); the op takes its torch path beyond.
-int64_t max_vocab(int64_t batch) {
-  return batch > 65535 ? 0 : s::kMaxCluster * (kMaxChunkBytes / 4);
-}
 
 void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temperature_scalar,
             c10::optional<torch::Tensor> top_k, int64_t top_k_scalar, c10::optional<torch::Tensor> top_p,

@@ -271,7 +271,7 @@ def _kernel_call(kernel, logits: torch.Tensor, params: _Params) -> SampleOutput:
 
 def _fast(logits: torch.Tensor, params: _Params) -> SampleOutput:
     kernel = kernels.load("sampler") if logits.is_cuda else None
-    if kernel is None or logits.shape[1] > kernel.max_vocab(logits.shape[0]):
+    if kernel is None or logits.shape[1] > kernel.max_vocab():
         return draw(_processed(logits, params), params)
     pen = params.penalties
     if pen is not None and pen.tokens.shape[1] > KERNEL_MAX_PENALTY_TOKENS:

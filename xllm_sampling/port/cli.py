@@ -21,7 +21,8 @@ from .target import BRANCH
 from .transaction import Interrupted, interruptible, signal_name
 
 BENCH_OPS = ("logit_softmax", "topk", "sampling", "beam_search")  # xllm_sampling.bench.OPS, without importing torch
-BENCH_ALL_OPS = BENCH_OPS + ("topk_unsorted", "topk1024", "topk1024_unsorted")
+BENCH_ALL_OPS = BENCH_OPS + ("topk_unsorted", "topk1024", "topk1024_unsorted", "sampling_greedy", "sampling_plain",
+                             "sampling_top_p", "sampling_min_p", "sampling_penalties")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,215 @@
+"""The sampling kernel (csrc/sampler/) against the same algorithm in torch and against exact
+float64 distributions (GPU only)."""
+import math
+
+import pytest
+import torch
+
+import xllm_sampling as xs
+from xllm_sampling import flags, kernels
+from xllm_sampling.ops import sampler
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def kernel_built():
+    assert kernels.load("sampler") is not None, "the sampler kernel did not build"
+    with flags.override(sampler=True):
+        yield
+
+
+def torch_path(logits, **kw):
+    """The fast path's algorithm in torch (sampler.draw), on the same device."""
+    params = sampler._params(logits, **kw)
+    return sampler.draw(sampler._processed(logits, params), params)
+
+
+def chi_square_critical(df, z=3.719):  # upper 1e-4 quantile, Wilson-Hilferty
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+CONFIGS = {  # name: keyword arguments of sample (per-row tensors made below where marked)
+    "greedy": dict(temperature=0.0),
+    "plain": dict(temperature=1.0),
+    "top-k 1": dict(top_k=1),
+    "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
+    "top-k 1024": dict(top_k=1024, temperature=1.3),
+    "top-p 0.9": dict(top_p=0.9),
+    "top-p 0.3": dict(top_p=0.3, temperature=0.5),
+    "min-p 0.1": dict(min_p=0.1),
+    "all three": dict(top_k=200, top_p=0.8, min_p=0.02),
+    "mixed rows": "per-row",
+}
+
+
+def per_row_kwargs(batch, vocab, device):
+    g = torch.Generator().manual_seed(batch * 7 + vocab)
+    t = torch.rand(batch, generator=g) * 1.5
+    t[::5] = 0.0  # greedy rows among sampled ones
+    k = torch.randint(0, vocab + 2, (batch,), generator=g)  # 0 and > vocab are off
+    k[1::4] = torch.randint(1, 60, (len(k[1::4]),), generator=g)
+    p = torch.rand(batch, generator=g) * 0.9 + 0.1
+    p[2::3] = 1.0
+    m = torch.rand(batch, generator=g) * 0.2
+    m[::2] = 0.0
+    return dict(temperature=t.to(device), top_k=k.to(device), top_p=p.to(device), min_p=m.to(device))
+
+
+SHAPES = [(1, 1), (3, 7), (5, 1000), (2, 32000), (64, 32001), (1, 151936), (16, 151936), (300, 5003), (2, 262144)]
+
+
+@pytest.mark.parametrize("batch,vocab", SHAPES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_kernel_draws_the_torch_paths_tokens(batch, vocab, config):
+    """Same algorithm, same Philox numbers: the same tokens (their float64 sums differ in order,
+    ~1e-16 relative, which moves a token only when a uniform lands that close to a boundary)
+    and the same logprobs up to float32 rounding of two float64 values within 1e-15."""
+    logits = torch.randn(batch, vocab, device="cuda") * 3
+    kw = per_row_kwargs(batch, vocab, "cuda") if CONFIGS[config] == "per-row" else dict(CONFIGS[config])
+    kw.update(seed=torch.arange(batch, device="cuda") * 31 + 5, position=torch.arange(batch, device="cuda") + 1000)
+    out = xs.sample(logits, **kw)
+    ref = torch_path(logits, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert ((out.logprobs.double() - ref.logprobs.double()).abs() <= 2e-7 * ref.logprobs.double().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1001, 151936])
+def test_half_logits_with_many_ties(dtype, vocab):
+    """bf16 / fp16 logits are full of equal values: top-k cuts through ties by index, greedy
+    takes the lowest index of the tied maximum."""
+    logits = (torch.randn(32, vocab, device="cuda") * 2).round().to(dtype)  # a few distinct values
+    for kw in (dict(top_k=50), dict(top_k=1), dict(temperature=0.0), dict(top_k=300, top_p=0.7), dict(min_p=0.3)):
+        kw.update(seed=3, position=torch.arange(32, device="cuda"))
+        assert torch.equal(xs.sample(logits, **kw).tokens, torch_path(logits, **kw).tokens), kw
+    assert torch.equal(xs.sample(logits, temperature=0.0).tokens, logits.float().argmax(-1))
+
+
+def test_top_k_ties_at_the_boundary_keep_the_lowest_indices():
+    x = torch.zeros(4096, 3000, device="cuda")
+    x[:, 2000:2010] = 5.0  # ten ahead, then 2990 tied: top_k = 15 keeps the ten and tokens 0..4
+    tokens = xs.sample(x, top_k=15, temperature=0.05, seed=1, position=torch.arange(4096, device="cuda")).tokens
+    assert set(tokens.tolist()) <= set(range(2000, 2010)) | set(range(5))
+    x = torch.zeros(4096, 3000, device="cuda")
+    x[:, 700] = 1.0
+    tokens = xs.sample(x, top_k=4, seed=1, position=torch.arange(4096, device="cuda")).tokens
+    assert set(tokens.tolist()) == {700, 0, 1, 2}
+
+
+def test_same_request_same_token_in_any_row_of_any_batch():
+    """The cluster size follows the batch (16 blocks a row at batch 1, fewer at 256): the draw's
+    vocabulary order does not, so a request's token does not change."""
+    vocab = 151936
+    request = torch.randn(1, vocab, device="cuda") * 2
+    for kw in (dict(top_k=50, top_p=0.9, temperature=0.8), dict(top_p=0.9), dict(min_p=0.05), dict()):
+        alone = [xs.sample(request, seed=11, position=p, **kw).tokens.item() for p in range(8)]
+        for batch, row in ((256, 200), (17, 3), (64, 63)):
+            logits = torch.randn(batch, vocab, device="cuda") * 2
+            logits[row] = request[0]
+            seeds = torch.randint(0, 1000, (batch,), device="cuda")
+            seeds[row] = 11
+            for p in range(8):
+                pos = torch.full((batch,), p, device="cuda")
+                assert xs.sample(logits, seed=seeds, position=pos, **kw).tokens[row].item() == alone[p], (kw, batch)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=6), dict(top_p=0.7), dict(top_k=10, top_p=0.9, min_p=0.1),
+                                dict(temperature=0.6, min_p=0.2),
+                                dict(penalties=(0.4, 0.3, 1.5)), dict(penalties=(0.2, 0.0, 1.2), top_p=0.8)])
+def test_chi_square_against_float64_distribution(kw):
+    """10^5 draws of one 16-token row (one position each) against the exact filtered distribution."""
+    kw = dict(kw)
+    vocab, draws = 16, 100_000
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(3)).double() * 1.5
+    generated = None
+    if "penalties" in kw:
+        freq, pres, rep = kw.pop("penalties")
+        listed = [3, 3, 3, 7, 0, 11, 11]
+        generated = torch.tensor(listed + [-1])
+        for tok in set(listed):
+            c = listed.count(tok)
+            v = row[tok] * rep if row[tok] < 0 else row[tok] / rep
+            row[tok] = v - c * freq - pres
+        kw.update(generated=generated.expand(draws, -1).to("cuda").contiguous(), frequency_penalty=freq,
+                  presence_penalty=pres, repetition_penalty=rep)
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    else:
+        logits = row.float()
+    t = kw.get("temperature", 1.0)
+    p = torch.softmax(row / t, -1)
+    sp, order = p.sort(descending=True, stable=True)
+    k = kw.get("top_k", 0)
+    keep = torch.arange(vocab) < (k if 0 < k < vocab else vocab)
+    kept = sp * keep
+    keep &= kept.cumsum(-1) - kept < kw.get("top_p", 1.0) * kept.sum()
+    keep &= sp >= kw.get("min_p", 0.0) * sp[0]
+    dist = torch.zeros(vocab, dtype=torch.float64)
+    dist[order[keep]] = sp[keep] / sp[keep].sum()
+    tokens = xs.sample(logits.to("cuda").expand(draws, vocab).contiguous(), seed=5,
+                       position=torch.arange(draws, device="cuda"), **kw).tokens.cpu()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    support = dist > 0
+    assert counts[~support].sum() == 0, "a token outside the support"
+    expected = dist[support] * draws
+    stat = ((counts[support] - expected) ** 2 / expected).sum().item()
+    df = int(support.sum()) - 1
+    if df > 0:
+        assert stat < chi_square_critical(df), f"chi-square {stat:.1f} with {df} degrees of freedom"
+
+
+def test_a_one_in_a_million_token_is_drawn_at_its_rate():
+    """p = 1e-6 over 10^7 draws: expected 10, sigma ~3.2; a float32 uniform (2^-24 steps) or an
+    exponential race with float32 noise would cut or skew it. Within 4 sigma."""
+    vocab, batch, calls = 64, 1_000_000, 10
+    p = torch.full((vocab,), (1 - 1e-6) / (vocab - 1), dtype=torch.float64)
+    p[17] = 1e-6
+    logits = p.log().float().to("cuda").expand(batch, vocab).contiguous()
+    rare = 0
+    for call in range(calls):
+        pos = torch.arange(batch, device="cuda") + call * batch
+        rare += (xs.sample(logits, seed=9, position=pos).tokens == 17).sum().item()
+    w = torch.exp2((logits[0] - logits[0].max()) * torch.tensor(sampler.LOG2E, device="cuda")).double()
+    expected = (w[17] / w.sum()).item() * batch * calls
+    assert abs(rare - expected) <= 4 * math.sqrt(expected), (rare, expected)
+
+
+def test_invalid_rows_give_minus_one_and_nan():
+    x = torch.randn(5, 40000, device="cuda")
+    x[0, 39999] = float("nan")
+    x[1, 3] = float("inf")
+    x[2] = float("-inf")
+    x[3, :39990] = float("-inf")  # ten finite tokens left: fine
+    for kw in (dict(), dict(temperature=0.0), dict(top_k=5, top_p=0.5)):
+        out = xs.sample(x, **kw)
+        assert out.tokens[:3].tolist() == [-1, -1, -1] and out.logprobs[:3].isnan().all()
+        assert out.tokens[3].item() >= 39990 and out.tokens[4].item() >= 0 and out.logprobs[3:].isfinite().all()
+
+
+def test_penalties_match_the_torch_path_including_long_lists():
+    batch, vocab = 8, 32000
+    logits = torch.randn(batch, vocab, device="cuda") * 2
+    for length in (5, 1024, 3000):  # 3000: counted in torch, then the kernel without penalties
+        generated = torch.randint(-1, 600, (batch, length), device="cuda")
+        kw = dict(generated=generated, frequency_penalty=torch.rand(batch, device="cuda"), presence_penalty=0.5,
+                  repetition_penalty=1.3, temperature=0.0)
+        assert torch.equal(xs.sample(logits, **kw).tokens, torch_path(logits, **kw).tokens)
+        kw.update(temperature=0.9, top_k=40, seed=2, position=torch.arange(batch, device="cuda"))
+        assert torch.equal(xs.sample(logits, **kw).tokens, torch_path(logits, **kw).tokens)
+
+
+def test_graph_replay_equals_eager():
+    batch, vocab = 4, 151936
+    logits = torch.randn(batch, vocab, device="cuda")
+    position = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    kw = dict(top_k=50, top_p=0.9, temperature=0.8, seed=torch.arange(batch, device="cuda"), position=position)
+    xs.sample(logits, **kw)  # build and configure outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = xs.sample(logits, **kw)
+    for step in range(20):
+        position.fill_(step)
+        logits.normal_()
+        graph.replay()
+        eager = xs.sample(logits, **kw)
+        assert torch.equal(out.tokens, eager.tokens) and torch.equal(out.logprobs, eager.logprobs)
