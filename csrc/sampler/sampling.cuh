@@ -95,13 +95,15 @@ __device__ __forceinline__ double warp_inclusive_scan(double v, int lane) {
   return v;
 }
 
-// Warp w's stretch of a chunk of n elements: contiguous, a whole number of 32-element steps.
-struct Segment {
+// Thread t's stretch of a chunk of n elements: contiguous (so that the draw's running mass
+// goes in vocabulary order), of an odd length (strided shared-memory reads without bank conflicts).
+struct Range {
   int begin, end;
 };
-__device__ __forceinline__ Segment segment_of(int warp, int n) {
-  const int per = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
-  return {min(warp * per, n), min((warp + 1) * per, n)};
+__device__ __forceinline__ Range range_of(int n) {
+  const int per = ((n + kThreads - 1) / kThreads) | 1;
+  const int t = threadIdx.x;
+  return {min(t * per, n), min((t + 1) * per, n)};
 }
 
 // One block's part of a cluster-wide exchange (double-buffered: one cluster.sync per exchange).
@@ -115,7 +117,9 @@ struct Slot {
 struct Shared {
   Slot slot[2];
   int hist[2][kBins];
-  double warp_mass[kWarps];
+  double thread_mass[kThreads];
+  double warp_total[kWarps];
+  int walk_thread, last_thread;
   // Row state, written by one thread and read by all after a __syncthreads.
   float max;
   int argmax, invalid;
@@ -125,67 +129,64 @@ struct Shared {
   float chosen_value;
 };
 
-// Sum of weight(i, x) over the block's chunk, in warp segments (each warp's part left in
-// sh.warp_mass for a walk). Every thread returns the block's sum (warps added in order).
+// Sum of weight(i, x) over the block's chunk, each thread over its range (its part left in
+// sh.thread_mass for a walk). Every thread returns the block's sum (warps added in order).
 template <typename F>
 __device__ double block_mass(const float* cache, int n, Shared& sh, F weight) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Segment s = segment_of(warp, n);
+  const Range r = range_of(n);
   double acc = 0.0;
-  for (int i = s.begin + lane; i < s.end; i += 32) acc += weight(i, cache[i]);
+  for (int i = r.begin; i < r.end; ++i) acc += weight(i, cache[i]);
+  sh.thread_mass[threadIdx.x] = acc;
   acc = warp_sum(acc);
-  if (lane == 0) sh.warp_mass[warp] = acc;
+  if (lane == 0) sh.warp_total[warp] = acc;
   __syncthreads();
   double total = 0.0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += sh.warp_mass[w];
+  for (int w = 0; w < kWarps; ++w) total += sh.warp_total[w];
   return total;
 }
 
 // The chunk index where the running sum of weight (vocabulary order) first exceeds `target`,
-// from the warp parts of the block_mass just taken with the same weight; a token of positive
-// weight always (rounding that leaves the sum short gives the last positive one). All threads
-// of the block call it; the answer comes back to all.
+// from the thread parts of the block_mass just taken with the same weight: a scan of the
+// threads' parts picks the thread, which walks its range. A token of positive weight always
+// (rounding that leaves the sum short gives the last positive one). All threads of the block
+// call it; the answer comes back to all.
 template <typename F>
 __device__ int walk(const float* cache, int n, double target, Shared& sh, F weight) {
-  int chosen = -1, last = -1;
-  double base = 0.0, chosen_base = 0.0, last_base = 0.0;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) {
+    sh.walk_thread = INT32_MAX;
+    sh.last_thread = -1;
+  }
+  const double own = sh.thread_mass[tid];
+  const double inclusive = warp_inclusive_scan(own, lane);
+  double before = inclusive - own;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const double m = sh.warp_mass[w];
-    if (m > 0.0) {
-      last = w;
-      last_base = base;
-      if (chosen < 0 && base + m > target) {
-        chosen = w;
-        chosen_base = base;
-      }
-    }
-    base += m;
+  for (int w = 0; w < kWarps; ++w) before += w < warp ? sh.warp_total[w] : 0.0;
+  __syncthreads();
+  if (own > 0.0) {
+    if (before + own > target) atomicMin(&sh.walk_thread, tid);
+    atomicMax(&sh.last_thread, tid);
   }
-  if (chosen < 0) {
-    chosen = last;
-    chosen_base = last_base;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp == chosen) {
-    const Segment s = segment_of(warp, n);
-    double run = chosen_base;
+  __syncthreads();
+  const int chosen = sh.walk_thread != INT32_MAX ? sh.walk_thread : sh.last_thread;
+  if (tid == chosen) {
+    const Range r = range_of(n);
+    double run = before;
     int found = -1, last_positive = -1;
-    for (int b = s.begin; b < s.end && found < 0; b += 32) {
-      const int i = b + lane;
-      const double v = i < s.end ? weight(i, cache[i]) : 0.0;
-      const double inclusive = warp_inclusive_scan(v, lane);
-      const unsigned cross = __ballot_sync(kFull, v > 0.0 && run + inclusive > target);
-      const unsigned positive = __ballot_sync(kFull, v > 0.0);
-      if (cross) {
-        found = b + __ffs(cross) - 1;
-      } else if (positive) {
-        last_positive = b + 31 - __clz(positive);
+    for (int i = r.begin; i < r.end; ++i) {
+      const double v = weight(i, cache[i]);
+      if (v > 0.0) {
+        last_positive = i;
+        run += v;
+        if (run > target) {
+          found = i;
+          break;
+        }
       }
-      run += __shfl_sync(kFull, inclusive, 31);
     }
-    if (lane == 0) sh.walk_result = found >= 0 ? found : last_positive;
+    sh.walk_result = found >= 0 ? found : last_positive;
   }
   __syncthreads();
   return sh.walk_result;
@@ -215,37 +216,79 @@ __device__ __forceinline__ void choose_block(double mass, double target, Shared&
 // Radix select of the k-th largest key of the row (1 <= k < vocab): leaves the key in
 // sh.digit_prefix, the number of tokens equal to it to keep in sh.digit_target, and this
 // block's count of equal tokens and of those in blocks before it in sh.eq_own / sh.eq_before.
-__device__ void radix_select(cg::cluster_group& cluster, const float* cache, int n, int64_t k, Shared& sh) {
+// First a bound: the counts of x >= max - 2^j / c (w >= 2^-(2^j)) for j < 7, and of all; the
+// smallest of these sets holding k tokens holds the top k, and only its tokens enter the radix
+// rounds (8-bit digits of the order-preserving bits, from the top).
+__device__ void radix_select(cg::cluster_group& cluster, const float* cache, int n, int64_t k, float row_max, float c,
+                             Shared& sh) {
+  constexpr int kLevels = 8;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
-  const Segment s = segment_of(warp, n);
+  const Range range = range_of(n);
+  __shared__ int warp_total[kWarps];
+  __shared__ float lower_bound;
+  // The bound, through hist[1] (hist[0] is the first round's).
+  {
+    float level[kLevels - 1];
+    int count[kLevels - 1];
+#pragma unroll
+    for (int j = 0; j < kLevels - 1; ++j) {
+      level[j] = row_max - static_cast<float>(1 << j) / c;
+      count[j] = 0;
+    }
+    for (int i = range.begin; i < range.end; ++i) {
+      const float v = cache[i];
+#pragma unroll
+      for (int j = 0; j < kLevels - 1; ++j) count[j] += v >= level[j];
+    }
+    int* h = sh.hist[1];
+    if (tid < kLevels) h[tid] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kLevels - 1; ++j) {
+      const int w = __reduce_add_sync(kFull, count[j]);
+      if (lane == 0 && w) atomicAdd(&h[j], w);
+    }
+    if (tid == 0) h[kLevels - 1] = n;
+    cluster.sync();
+    if (tid == 0) {
+      float bound = -INFINITY;
+      for (int j = 0; j < kLevels - 1; ++j) {
+        int total = 0;
+        for (unsigned r = 0; r < blocks; ++r) total += *cluster.map_shared_rank(&h[j], r);
+        if (total >= k) {
+          bound = level[j];
+          break;
+        }
+      }
+      lower_bound = bound;
+    }
+    __syncthreads();
+  }
+  const float lower = lower_bound;
   uint32_t prefix = 0, mask = 0;
   int target = static_cast<int>(k);
-  __shared__ int warp_total[kWarps];
 #pragma unroll 1
   for (int round = 0; round < 4; ++round) {
     const int shift = 24 - 8 * round;
     int* h = sh.hist[round & 1];
-    h[tid] = 0;  // kThreads == kBins
+    h[tid] = 0;  // kThreads == kBins; the buffer was last read before the previous cluster.sync
     __syncthreads();
-    for (int b = s.begin; b < s.end; b += 32) {
-      const int i = b + lane;
-      int digit = kBins;
-      if (i < s.end) {
-        const uint32_t key = order_key(cache[i]);
-        if ((key & mask) == prefix) digit = static_cast<int>((key >> shift) & 0xFF);
+    for (int i = range.begin; i < range.end; ++i) {
+      const float v = cache[i];
+      if (v >= lower) {
+        const uint32_t key = order_key(v);
+        if ((key & mask) == prefix) atomicAdd(&h[(key >> shift) & 0xFF], 1);
       }
-      const unsigned peers = __match_any_sync(kFull, digit);
-      if (digit != kBins && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
     }
     cluster.sync();
     int total = 0, before = 0;
 #pragma unroll
     for (int r = 0; r < kMaxCluster; ++r) {
       if (r < static_cast<int>(blocks)) {
-        const int c = *cluster.map_shared_rank(&h[tid], r);
-        total += c;
-        before += r < static_cast<int>(rank) ? c : 0;
+        const int cnt = *cluster.map_shared_rank(&h[tid], r);
+        total += cnt;
+        before += r < static_cast<int>(rank) ? cnt : 0;
       }
     }
     // Tokens in bins above this one: a suffix sum over the 256 bins.
@@ -284,11 +327,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const int n = end > begin ? static_cast<int>(end - begin) : 0;
 
   // Cache the chunk as float32 (-0 made +0, so that equal values have equal keys).
+  // kLoads vectors in flight per thread at a time.
+  constexpr int kLoads = 8;
   const T* x = logits + row * vocab + begin;
-  for (int i = tid * VEC; i < n; i += kThreads * VEC) {
-    const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(x + i);
+  for (int base = tid * VEC; base < n; base += kThreads * VEC * kLoads) {
+    Vec<T, VEC> v[kLoads];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) cache[i + j] = to_float(v.v[j]) + 0.f;
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kThreads * VEC;
+      if (i < n) v[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kThreads * VEC;
+      if (i < n) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) cache[i + j] = to_float(v[u].v[j]) + 0.f;
+      }
+    }
   }
   __syncthreads();
   if constexpr (PENALTY) {
@@ -332,10 +388,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 
   // 1. Max, lowest-index argmax, NaN / +inf.
   {
-    const Segment s = segment_of(warp, n);
+    const Range r = range_of(n);
     float m = -INFINITY;
     int arg = INT32_MAX, flags = 0;
-    for (int i = s.begin + lane; i < s.end; i += 32) {
+    for (int i = r.begin; i < r.end; ++i) {
       const float v = cache[i];
       if (v != v) flags |= 1;
       if (v == INFINITY) flags |= 2;
@@ -435,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   uint32_t kth_key = 0;
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
   if (!done && k_on) {
-    radix_select(cluster, cache, n, k, sh);
+    radix_select(cluster, cache, n, k, row_max, c, sh);
     kth_key = sh.digit_prefix;
     const int keep = sh.digit_target - sh.eq_before;
     if (keep <= 0) {
@@ -457,7 +513,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const double top_k_part =
         k_on && top_p < 1.f ? block_mass(cache, n, sh, [&](int i, float v) { return in_top_k(i, v) ? static_cast<double>(w_of(v)) : 0.0; })
                             : 0.0;
-    // Last, so that its warp parts are the ones the first draw's walk reads.
+    // Last, so that its thread parts are the ones the first draw's walk reads.
     const double mine = block_mass(cache, n, sh, [&](int i, float v) { return candidate(i, v) ? static_cast<double>(w_of(v)) : 0.0; });
     double tk;
     exchange_mass(mine, top_k_part, &tk);
@@ -509,7 +565,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
       break;
     }
     // The candidates' mass ranked above the drawn token (all that is ranked above a candidate
-    // is a candidate): the test, and the next round's masses and warp parts.
+    // is a candidate): the test, and the next round's masses and thread parts.
     pivot = token;
     pivot_value = token_value;
     if (exchange_mass(block_mass(cache, n, sh, weight), 0.0, nullptr) < top_p_mass) {
