@@ -216,12 +216,12 @@ __device__ __forceinline__ void choose_block(double mass, double target, Shared&
 // Radix select of the k-th largest key of the row (1 <= k < vocab): leaves the key in
 // sh.digit_prefix, the number of tokens equal to it to keep in sh.digit_target, and this
 // block's count of equal tokens and of those in blocks before it in sh.eq_own / sh.eq_before.
-// First a bound: the counts of x >= max - 2^j / c (w >= 2^-(2^j)) for j < 7, and of all; the
-// smallest of these sets holding k tokens holds the top k, and only its tokens enter the radix
-// rounds (8-bit digits of the order-preserving bits, from the top).
+// First a bound: the counts of x >= max - 2^j / c (w >= 2^-(2^j)) for j < 7; the smallest of
+// these sets holding k tokens (else the whole row) holds the top k, and only its tokens enter the
+// radix rounds (8-bit digits of the order-preserving bits, from the top).
 __device__ void radix_select(cg::cluster_group& cluster, const float* cache, int n, int64_t k, float row_max, float c,
                              Shared& sh) {
-  constexpr int kLevels = 8;
+  constexpr int kLevels = 7;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
   const Range range = range_of(n);
@@ -229,39 +229,37 @@ __device__ void radix_select(cg::cluster_group& cluster, const float* cache, int
   __shared__ float lower_bound;
   // The bound, through hist[1] (hist[0] is the first round's).
   {
-    float level[kLevels - 1];
-    int count[kLevels - 1];
+    float level[kLevels];
+    int count[kLevels];
 #pragma unroll
-    for (int j = 0; j < kLevels - 1; ++j) {
+    for (int j = 0; j < kLevels; ++j) {
       level[j] = row_max - static_cast<float>(1 << j) / c;
       count[j] = 0;
     }
     for (int i = range.begin; i < range.end; ++i) {
       const float v = cache[i];
 #pragma unroll
-      for (int j = 0; j < kLevels - 1; ++j) count[j] += v >= level[j];
+      for (int j = 0; j < kLevels; ++j) count[j] += v >= level[j];
     }
     int* h = sh.hist[1];
     if (tid < kLevels) h[tid] = 0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kLevels - 1; ++j) {
+    for (int j = 0; j < kLevels; ++j) {
       const int w = __reduce_add_sync(kFull, count[j]);
       if (lane == 0 && w) atomicAdd(&h[j], w);
     }
-    if (tid == 0) h[kLevels - 1] = n;
     cluster.sync();
-    if (tid == 0) {
+    if (warp == 0) {  // lane r reads block r's counts, all loads in flight at once
+      int total[kLevels];
+#pragma unroll
+      for (int j = 0; j < kLevels; ++j) total[j] = lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&h[j], lane) : 0;
       float bound = -INFINITY;
-      for (int j = 0; j < kLevels - 1; ++j) {
-        int total = 0;
-        for (unsigned r = 0; r < blocks; ++r) total += *cluster.map_shared_rank(&h[j], r);
-        if (total >= k) {
-          bound = level[j];
-          break;
-        }
+#pragma unroll
+      for (int j = kLevels - 1; j >= 0; --j) {
+        if (__reduce_add_sync(kFull, total[j]) >= k) bound = level[j];
       }
-      lower_bound = bound;
+      if (lane == 0) lower_bound = bound;
     }
     __syncthreads();
   }

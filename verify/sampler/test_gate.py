@@ -1,7 +1,9 @@
 """Gate of step sampler: every configuration users run (greedy, plain, top-k + top-p, top-p,
-min-p), the fast path against the sort-based original; the worst ratio must pass."""
+min-p, and penalties with top-k + top-p), the fast path against the sort-based original; the
+worst ratio must pass."""
 import torch
 
+import xllm_sampling
 from engine import sampling
 from engine.sampling import SamplingParams
 from xllm_sampling import flags
@@ -29,4 +31,13 @@ def test_gate(check_gate, gate_device):
 
         return run
 
-    check_gate({name: configuration(*c) for name, c in CONFIGURATIONS.items()})
+    generated = torch.randint(0, vocab, (batch, 256), device=gate_device, generator=torch.Generator(gate_device).manual_seed(0))
+    position = torch.arange(batch, device=gate_device)
+
+    def penalties(on):  # the engine's sampling has no penalties: the op itself, behind the same flag
+        with flags.override(sampler=on):
+            xllm_sampling.sample(logits, temperature=0.8, top_k=50, top_p=0.9, seed=1, position=position,
+                                 generated=generated, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2)
+
+    runs = {name: configuration(*c) for name, c in CONFIGURATIONS.items()}
+    check_gate(runs | {"penalties + top-k 50 + top-p 0.9": penalties})
