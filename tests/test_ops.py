@@ -225,23 +225,29 @@ def test_top_p_boundary_is_exact(device, rank):
     from xllm_sampling.ops import sampler
 
     logits = (torch.randn(30000) * 0.3).sort(descending=True).values.to(device)  # rank = index
-    # the fast path's weights, computed on the device as its kernel does
+
+    def one_step_around(masses):  # float32 top_p just below and just above the mass of the first `rank`
+        exact = math.fsum(masses[:rank]) / math.fsum(masses)
+        below = torch.tensor(exact, dtype=torch.float32)
+        below = below if below.item() < exact else torch.nextafter(below, torch.tensor(0.0))
+        return exact, below, torch.nextafter(below, torch.tensor(1.0))
+
+    # the original path: its own float32 probabilities, ranked
+    ranked = torch.softmax(logits, -1)[None]
+    _, below, above = one_step_around(ranked[0].double().cpu().tolist())
+    one = lambda v, d: torch.tensor([v], dtype=d, device=device)  # noqa: E731
+    for top_p, kept in ((below, rank), (above, rank + 1)):
+        keep = sampler._ranked_keep(ranked, one(0, torch.int64), one(top_p.item(), torch.float32), one(0.0, torch.float32))
+        assert keep.sum().item() == kept
+    # the fast path: its weights 2^((x - max) log2(e)), computed on the device as its kernel does
     w = torch.exp2((logits - logits.max()) * torch.tensor(sampler.LOG2E, dtype=torch.float32, device=device))
     w = w.double().cpu().tolist()
-    total = math.fsum(w)
-    exact = math.fsum(w[:rank]) / total
-    below = torch.tensor(exact, dtype=torch.float32)
-    below = below if below.item() < exact else torch.nextafter(below, torch.tensor(0.0))
-    above = torch.nextafter(below, torch.tensor(1.0))
-    lo, hi = exact, exact + w[rank] / total  # the boundary token's share of the uniform
+    exact, below, above = one_step_around(w)
+    lo, hi = exact, exact + w[rank] / math.fsum(w)  # the boundary token's share of the uniform
     u = rng.uniform_torch(torch.zeros(1 << 20, dtype=torch.int64), torch.arange(1 << 20))
     position = int(((u - (lo + hi) / 2).abs()).argmin())
     assert lo < u[position].item() < hi
-    ranked = torch.softmax(logits, -1)[None]
     for top_p, kept in ((below, rank), (above, rank + 1)):
-        one = lambda v, d: torch.tensor([v], dtype=d, device=device)  # noqa: E731
-        keep = sampler._ranked_keep(ranked, one(0, torch.int64), one(top_p.item(), torch.float32), one(0.0, torch.float32))
-        assert keep.sum().item() == kept
         with flags.override(sampler=True):
             token = xs.sample(logits[None], top_p=top_p.item(), seed=0, position=position).tokens.item()
         assert (token == rank) if kept == rank + 1 else (token < rank)
