@@ -49,8 +49,10 @@ template <typename T, int VEC, bool PENALTY>
 void launch(const torch::Tensor& logits, s::Args args, int cs) {
   constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
   constexpr int64_t kMaxRows = 65535;
-  const int64_t shared = args.chunk * 4 + (PENALTY ? kPenaltyBytes : 0);
-  xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kPenaltyBytes), /*nonportable_clusters=*/true);
+  constexpr int64_t kListBytes = s::kGather * sizeof(uint64_t);
+  const int64_t shared = s::list_offset(args.chunk) * 4 + kListBytes + (PENALTY ? kPenaltyBytes : 0);
+  xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kListBytes + kPenaltyBytes),
+                               /*nonportable_clusters=*/true);
   const int64_t batch = logits.size(0);
   for (int64_t start = 0; start < batch; start += kMaxRows) {
     s::Args part = args;

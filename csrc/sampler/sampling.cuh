@@ -42,8 +42,14 @@ constexpr int kBins = 256;                            // radix digit of 8 bits
 constexpr int kMaxRounds = 32;                        // top-p rejection rounds at most
 constexpr int kPenaltySlots = 2048;                   // per-block hash table of penalised tokens
 constexpr int kMaxPenaltyTokens = kPenaltySlots / 2;  // generated tokens per row the kernel takes
+constexpr int kLevels = 7;                            // top-k bound: w >= 2^-(2^j), j < kLevels
+constexpr int kGather = 512;                          // top-k candidates ranked in every block at most
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
+
+// Where the block's top-k candidate list starts in dynamic shared memory, in floats after the
+// cached chunk: 16-byte aligned whatever the chunk's length (the list holds 8-byte keys).
+__host__ __device__ constexpr int64_t list_offset(int64_t chunk) { return (chunk + 3) / 4 * 4; }
 
 // A per-request parameter: a (batch,) array, or one value for every row when `values` is null.
 template <typename T>
@@ -100,9 +106,8 @@ __device__ __forceinline__ double warp_inclusive_scan(double v, int lane) {
 struct Range {
   int begin, end;
 };
-__device__ __forceinline__ Range range_of(int n) {
+__device__ __forceinline__ Range range_of(int n, int t = threadIdx.x) {
   const int per = ((n + kThreads - 1) / kThreads) | 1;
-  const int t = threadIdx.x;
   return {min(t * per, n), min((t + 1) * per, n)};
 }
 
@@ -125,6 +130,9 @@ struct Shared {
   int argmax, invalid;
   double total, top_k_mass, block_mass[kMaxCluster];
   uint32_t digit_prefix;
+  float lower;
+  int gather_total, gather_offset[kMaxCluster + 1], gather_count;
+  uint64_t kth;
   int digit_target, eq_before, eq_own, chosen_block, walk_result, chosen_index;
   float chosen_value;
 };
@@ -171,22 +179,24 @@ __device__ int walk(const float* cache, int n, double target, Shared& sh, F weig
   }
   __syncthreads();
   const int chosen = sh.walk_thread != INT32_MAX ? sh.walk_thread : sh.last_thread;
-  if (tid == chosen) {
-    const Range r = range_of(n);
-    double run = before;
+  if (warp == chosen / 32) {  // the chosen thread's warp walks its range, 32 elements a step
+    const Range r = range_of(n, chosen);
+    double run = __shfl_sync(kFull, before, chosen % 32);
     int found = -1, last_positive = -1;
-    for (int i = r.begin; i < r.end; ++i) {
-      const double v = weight(i, cache[i]);
-      if (v > 0.0) {
-        last_positive = i;
-        run += v;
-        if (run > target) {
-          found = i;
-          break;
-        }
+    for (int b = r.begin; b < r.end && found < 0; b += 32) {
+      const int i = b + lane;
+      const double v = i < r.end ? weight(i, cache[i]) : 0.0;
+      const double inclusive_v = warp_inclusive_scan(v, lane);
+      const unsigned cross = __ballot_sync(kFull, v > 0.0 && run + inclusive_v > target);
+      const unsigned positive = __ballot_sync(kFull, v > 0.0);
+      if (cross) {
+        found = b + __ffs(cross) - 1;
+      } else if (positive) {
+        last_positive = b + 31 - __clz(positive);
       }
+      run += __shfl_sync(kFull, inclusive_v, 31);
     }
-    sh.walk_result = found >= 0 ? found : last_positive;
+    if (lane == 0) sh.walk_result = found >= 0 ? found : last_positive;
   }
   __syncthreads();
   return sh.walk_result;
@@ -213,57 +223,106 @@ __device__ __forceinline__ void choose_block(double mass, double target, Shared&
   }
 }
 
-// Radix select of the k-th largest key of the row (1 <= k < vocab): leaves the key in
-// sh.digit_prefix, the number of tokens equal to it to keep in sh.digit_target, and this
-// block's count of equal tokens and of those in blocks before it in sh.eq_own / sh.eq_before.
-// First a bound: the counts of x >= max - 2^j / c (w >= 2^-(2^j)) for j < 7; the smallest of
-// these sets holding k tokens (else the whole row) holds the top k, and only its tokens enter the
-// radix rounds (8-bit digits of the order-preserving bits, from the top).
-__device__ void radix_select(cg::cluster_group& cluster, const float* cache, int n, int64_t k, float row_max, float c,
-                             Shared& sh) {
-  constexpr int kLevels = 7;
+// The top-k bound's levels: x >= max - 2^j / c, that is w >= 2^-(2^j).
+__device__ __forceinline__ float level_of(int j, float row_max, float c) { return row_max - static_cast<float>(1 << j) / c; }
+
+// This block's counts of tokens at each level, added into h[0..kLevels) (zeroed beforehand;
+// read across the cluster after the next exchange).
+__device__ void count_levels(const float* cache, int n, float row_max, float c, int* h) {
+  float level[kLevels];
+  int count[kLevels];
+#pragma unroll
+  for (int j = 0; j < kLevels; ++j) {
+    level[j] = level_of(j, row_max, c);
+    count[j] = 0;
+  }
+  const Range range = range_of(n);
+  for (int i = range.begin; i < range.end; ++i) {
+    const float v = cache[i];
+#pragma unroll
+    for (int j = 0; j < kLevels; ++j) count[j] += v >= level[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kLevels; ++j) {
+    const int w = __reduce_add_sync(kFull, count[j]);
+    if (threadIdx.x % 32 == 0 && w) atomicAdd(&h[j], w);
+  }
+}
+
+// A token's 64-bit rank key: its value's order-preserving bits, then ~index (equal values rank
+// the lower index first). The top k of a row are the k largest keys.
+__device__ __forceinline__ uint64_t rank_key(float v, int64_t index) {
+  return static_cast<uint64_t>(order_key(v)) << 32 | static_cast<uint32_t>(~static_cast<uint32_t>(index));
+}
+
+// The row's top k (1 <= k < vocab) as the k-th value's order-preserving bits (*kth) and the chunk
+// index below which this block keeps the tokens equal to it (returned).
+// The level counts of count_levels (sh.hist[1], exchanged) bound it: the smallest level set
+// holding k tokens holds the top k. When it holds at most kGather tokens, each block lists its
+// own as rank keys at their place in the row's list, the blocks exchange, and every block copies
+// the whole list and ranks it (one exchange). Otherwise radix rounds over that set: 8-bit digits
+// of the order-preserving bits from the top, each round a histogram summed over the cluster, and
+// the cut among the ties by a walk in the one block where it falls.
+__device__ int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int64_t k, float row_max,
+                         float c, uint64_t* list, Shared& sh, uint32_t* kth) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
-  const Range range = range_of(n);
-  __shared__ int warp_total[kWarps];
-  __shared__ float lower_bound;
-  // The bound, through hist[1] (hist[0] is the first round's).
-  {
-    float level[kLevels];
+  if (warp == 0) {  // lane r reads block r's counts, all loads in flight at once
     int count[kLevels];
 #pragma unroll
-    for (int j = 0; j < kLevels; ++j) {
-      level[j] = row_max - static_cast<float>(1 << j) / c;
-      count[j] = 0;
+    for (int j = 0; j < kLevels; ++j) count[j] = lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&sh.hist[1][j], lane) : 0;
+    int level = kLevels, mine = 0;
+#pragma unroll
+    for (int j = kLevels - 1; j >= 0; --j) {
+      if (__reduce_add_sync(kFull, count[j]) >= k) {
+        level = j;
+        mine = count[j];
+      }
     }
+    int inclusive = mine;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int o = __shfl_up_sync(kFull, inclusive, off);
+      if (lane >= off) inclusive += o;
+    }
+    const int total = __shfl_sync(kFull, inclusive, 31);
+    if (lane < kMaxCluster) sh.gather_offset[lane + 1] = inclusive;
+    if (lane == 0) {
+      sh.gather_offset[0] = 0;
+      sh.gather_count = 0;
+      sh.lower = level < kLevels ? level_of(level, row_max, c) : -INFINITY;
+      sh.gather_total = level < kLevels ? total : INT32_MAX;
+    }
+  }
+  __syncthreads();
+  const float lower = sh.lower;
+  const int total = sh.gather_total;
+  const Range range = range_of(n);
+  if (total <= kGather) {
+    const int offset = sh.gather_offset[rank];
     for (int i = range.begin; i < range.end; ++i) {
       const float v = cache[i];
-#pragma unroll
-      for (int j = 0; j < kLevels; ++j) count[j] += v >= level[j];
-    }
-    int* h = sh.hist[1];
-    if (tid < kLevels) h[tid] = 0;
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kLevels; ++j) {
-      const int w = __reduce_add_sync(kFull, count[j]);
-      if (lane == 0 && w) atomicAdd(&h[j], w);
+      if (v >= lower) list[offset + atomicAdd(&sh.gather_count, 1)] = rank_key(v, begin + i);
     }
     cluster.sync();
-    if (warp == 0) {  // lane r reads block r's counts, all loads in flight at once
-      int total[kLevels];
-#pragma unroll
-      for (int j = 0; j < kLevels; ++j) total[j] = lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&h[j], lane) : 0;
-      float bound = -INFINITY;
-#pragma unroll
-      for (int j = kLevels - 1; j >= 0; --j) {
-        if (__reduce_add_sync(kFull, total[j]) >= k) bound = level[j];
-      }
-      if (lane == 0) lower_bound = bound;
+    for (int p = tid; p < total; p += kThreads) {
+      int r = 0;
+      while (sh.gather_offset[r + 1] <= p) ++r;
+      if (r != static_cast<int>(rank)) list[p] = *cluster.map_shared_rank(&list[p], r);
     }
     __syncthreads();
+    for (int p = tid; p < total; p += kThreads) {
+      const uint64_t key = list[p];
+      int above = 0;
+      for (int q = 0; q < total; ++q) above += list[q] > key;
+      if (above == k - 1) sh.kth = key;
+    }
+    __syncthreads();
+    *kth = static_cast<uint32_t>(sh.kth >> 32);
+    const int64_t cut = static_cast<int64_t>(~static_cast<uint32_t>(sh.kth)) + 1 - begin;  // past the last tie kept
+    return cut <= 0 ? 0 : cut >= n ? n : static_cast<int>(cut);
   }
-  const float lower = lower_bound;
+
+  __shared__ int warp_total[kWarps];
   uint32_t prefix = 0, mask = 0;
   int target = static_cast<int>(k);
 #pragma unroll 1
@@ -280,26 +339,26 @@ __device__ void radix_select(cg::cluster_group& cluster, const float* cache, int
       }
     }
     cluster.sync();
-    int total = 0, before = 0;
+    int bin_total = 0, before = 0;
 #pragma unroll
     for (int r = 0; r < kMaxCluster; ++r) {
       if (r < static_cast<int>(blocks)) {
         const int cnt = *cluster.map_shared_rank(&h[tid], r);
-        total += cnt;
+        bin_total += cnt;
         before += r < static_cast<int>(rank) ? cnt : 0;
       }
     }
     // Tokens in bins above this one: a suffix sum over the 256 bins.
-    int suffix = total;
+    int suffix = bin_total;
     for (int off = 1; off < 32; off <<= 1) {
       const int o = __shfl_down_sync(kFull, suffix, off);
       if (lane + off < 32) suffix += o;
     }
     if (lane == 0) warp_total[warp] = suffix;
     __syncthreads();
-    int above = suffix - total;
+    int above = suffix - bin_total;
     for (int w = warp + 1; w < kWarps; ++w) above += warp_total[w];
-    if (above < target && above + total >= target) {
+    if (above < target && above + bin_total >= target) {
       sh.digit_prefix = prefix | (static_cast<uint32_t>(tid) << shift);
       sh.digit_target = target - above;
       sh.eq_before = before;
@@ -310,6 +369,13 @@ __device__ void radix_select(cg::cluster_group& cluster, const float* cache, int
     target = sh.digit_target;
     mask |= 0xFFu << shift;
   }
+  *kth = prefix;
+  const int keep = target - sh.eq_before;  // this block's ties to keep, lowest indices first
+  if (keep <= 0) return 0;
+  if (keep >= sh.eq_own) return n;
+  auto tied = [&](int, float v) { return order_key(v) == prefix ? 1.0 : 0.0; };
+  block_mass(cache, n, sh, tied);
+  return 1 + walk(cache, n, keep - 0.5, sh, tied);
 }
 
 template <typename T, int VEC, bool PENALTY>
@@ -344,10 +410,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
       }
     }
   }
+  uint64_t* list = reinterpret_cast<uint64_t*>(cache + list_offset(a.chunk));  // kGather top-k candidates
+  sh.hist[0][tid] = 0;  // kThreads == kBins
+  sh.hist[1][tid] = 0;
   __syncthreads();
   if constexpr (PENALTY) {
     // Count this chunk's generated tokens in a hash table, then penalise each once.
-    int* keys = reinterpret_cast<int*>(cache + a.chunk);
+    int* keys = reinterpret_cast<int*>(list + kGather);
     int* counts = keys + kPenaltySlots;
     for (int s = tid; s < kPenaltySlots; s += kThreads) {
       keys[s] = -1;
@@ -477,30 +546,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     return sh.total;
   };
 
-  // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies.
+  // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies. The top-k
+  // bound's level counts travel with this exchange.
+  const int64_t k = a.top_k[row];
+  const bool k_on = k > 0 && k < vocab;
+  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, sh.hist[1]);
   const double row_sum =
       invalid ? 0.0 : exchange_mass(block_mass(cache, n, sh, [&](int, float v) { return static_cast<double>(w_of(v)); }), 0.0, nullptr);
   bool done = invalid || greedy;
 
   // 3. Candidates: top-k (radix select), min-p.
-  const int64_t k = a.top_k[row];
   const float top_p = a.top_p[row], min_p = a.min_p[row];
-  const bool k_on = k > 0 && k < vocab;
   uint32_t kth_key = 0;
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
-  if (!done && k_on) {
-    radix_select(cluster, cache, n, k, row_max, c, sh);
-    kth_key = sh.digit_prefix;
-    const int keep = sh.digit_target - sh.eq_before;
-    if (keep <= 0) {
-      tie_cut = 0;
-    } else if (keep < sh.eq_own) {
-      const uint32_t key = kth_key;
-      auto tied = [&](int, float v) { return order_key(v) == key ? 1.0 : 0.0; };
-      block_mass(cache, n, sh, tied);
-      tie_cut = 1 + walk(cache, n, keep - 0.5, sh, tied);
-    }
-  }
+  if (!done && k_on) tie_cut = top_k_cut(cluster, cache, n, begin, k, row_max, c, list, sh, &kth_key);
   auto in_top_k = [&](int i, float v) {
     const uint32_t key = order_key(v);
     return !k_on || key > kth_key || (key == kth_key && i < tie_cut);
