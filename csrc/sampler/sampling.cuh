@@ -137,21 +137,55 @@ struct Shared {
   float chosen_value;
 };
 
-// Sum of weight(i, x) over the block's chunk, each thread over its range (its part left in
-// sh.thread_mass for a walk). Every thread returns the block's sum (warps added in order).
-template <typename F>
-__device__ double block_mass(const float* cache, int n, Shared& sh, F weight) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Range r = range_of(n);
-  double acc = 0.0;
-  for (int i = r.begin; i < r.end; ++i) acc += weight(i, cache[i]);
-  sh.thread_mass[threadIdx.x] = acc;
-  acc = warp_sum(acc);
-  if (lane == 0) sh.warp_total[warp] = acc;
-  __syncthreads();
-  double total = 0.0;
+// Each thread's sums of weight(i, x) over its range, four elements at a time into independent
+// accumulators (the passes are latency-bound at small batch: one block per SM). Weight returns
+// a double, or a Pair when one pass takes two masses.
+struct Pair {
+  double a, b;
+  __device__ Pair& operator+=(Pair o) {
+    a += o.a;
+    b += o.b;
+    return *this;
+  }
+};
+__device__ __forceinline__ Pair operator+(Pair x, Pair y) { return {x.a + y.a, x.b + y.b}; }
+__device__ __forceinline__ double first(double v) { return v; }
+__device__ __forceinline__ double first(Pair v) { return v.a; }
+
+template <typename R, typename F>
+__device__ __forceinline__ R range_sum(const float* cache, Range r, F weight) {
+  R acc[4] = {};
+  int i = r.begin;
+  for (; i + 4 <= r.end; i += 4) {
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += sh.warp_total[w];
+    for (int u = 0; u < 4; ++u) acc[u] += weight(i + u, cache[i + u]);
+  }
+  for (; i < r.end; ++i) acc[0] += weight(i, cache[i]);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Sum of weight(i, x) over the block's chunk, each thread over its range (its part, the first
+// of a Pair, left in sh.thread_mass for a walk). Every thread returns the block's sum (warps
+// added in order).
+template <typename R = double, typename F>
+__device__ R block_mass(const float* cache, int n, Shared& sh, F weight) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const R own = range_sum<R>(cache, range_of(n), weight);
+  __shared__ R warp_part[kWarps];
+  sh.thread_mass[threadIdx.x] = first(own);
+  const double first_sum = warp_sum(first(own));
+  if constexpr (sizeof(R) == sizeof(Pair)) {
+    const double second_sum = warp_sum(own.b);
+    if (lane == 0) warp_part[warp] = R{first_sum, second_sum};
+  } else {
+    if (lane == 0) warp_part[warp] = first_sum;
+  }
+  if (lane == 0) sh.warp_total[warp] = first_sum;
+  __syncthreads();
+  R total{};
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warp_part[w];
+  __syncthreads();  // warp_part is reused by the next pass
   return total;
 }
 
@@ -312,9 +346,14 @@ __device__ int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, 
     __syncthreads();
     for (int p = tid; p < total; p += kThreads) {
       const uint64_t key = list[p];
-      int above = 0;
-      for (int q = 0; q < total; ++q) above += list[q] > key;
-      if (above == k - 1) sh.kth = key;
+      int above[4] = {};
+      int q = 0;
+      for (; q + 4 <= total; q += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) above[u] += list[q + u] > key;
+      }
+      for (; q < total; ++q) above[0] += list[q] > key;
+      if ((above[0] + above[1]) + (above[2] + above[3]) == k - 1) sh.kth = key;
     }
     __syncthreads();
     *kth = static_cast<uint32_t>(sh.kth >> 32);
@@ -564,16 +603,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const uint32_t key = order_key(v);
     return !k_on || key > kth_key || (key == kth_key && i < tie_cut);
   };
-  auto candidate = [&](int i, float v) { return in_top_k(i, v) && w_of(v) >= min_p; };
   double top_k_mass = row_sum;
   if (!done && (k_on || min_p > 0.f)) {
-    const double top_k_part =
-        k_on && top_p < 1.f ? block_mass(cache, n, sh, [&](int i, float v) { return in_top_k(i, v) ? static_cast<double>(w_of(v)) : 0.0; })
-                            : 0.0;
-    // Last, so that its thread parts are the ones the first draw's walk reads.
-    const double mine = block_mass(cache, n, sh, [&](int i, float v) { return candidate(i, v) ? static_cast<double>(w_of(v)) : 0.0; });
+    // One pass: the candidates' mass (whose thread parts the first draw's walk reads) and the top-k mass.
+    const Pair mine = block_mass<Pair>(cache, n, sh, [&](int i, float v) {
+      if (!in_top_k(i, v)) return Pair{0.0, 0.0};
+      const float w = w_of(v);
+      return Pair{w >= min_p ? static_cast<double>(w) : 0.0, static_cast<double>(w)};
+    });
     double tk;
-    exchange_mass(mine, top_k_part, &tk);
+    exchange_mass(mine.a, mine.b, &tk);
     if (k_on && top_p < 1.f) top_k_mass = tk;
   }
 
@@ -584,7 +623,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   auto weight = [&](int i, float v) {
     const int gi = static_cast<int>(begin) + i;
     const bool above_pivot = pivot < 0 || v > pivot_value || (v == pivot_value && gi < pivot);
-    return above_pivot && candidate(i, v) ? static_cast<double>(w_of(v)) : 0.0;
+    if (!above_pivot || !in_top_k(i, v)) return 0.0;
+    const float w = w_of(v);
+    return w >= min_p ? static_cast<double>(w) : 0.0;
   };
   int token = sh.argmax;
   float token_value = row_max;
