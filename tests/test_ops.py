@@ -23,6 +23,21 @@ def test_uniform_depends_on_seed_and_position_only():
     assert rng.uniform(seed[1:2], pos[1:2]).item() == u[1].item()
 
 
+def test_python_philox_matches_torch_bit_for_bit():
+    """The CPU path for a few keys (plain Python integers) gives uniform_torch's bits, negative
+    and 64-bit keys included, and rng.uniform takes it for small batches only."""
+    g = torch.Generator().manual_seed(0)
+    seed = torch.randint(-(2**62), 2**62, (300,), generator=g)
+    position = torch.randint(-(2**40), 2**40, (300,), generator=g)
+    for stream in (0, 7):
+        ref = rng.uniform_torch(seed, position, stream)
+        python = torch.tensor([rng.uniform_python(s, p, stream) for s, p in zip(seed.tolist(), position.tolist())],
+                              dtype=torch.float64)
+        assert torch.equal(python, ref)
+        assert torch.equal(rng.uniform(seed[:rng.PYTHON_MAX_ROWS], position[:rng.PYTHON_MAX_ROWS], stream),
+                           ref[:rng.PYTHON_MAX_ROWS])
+
+
 @pytest.mark.cuda
 def test_philox_kernel_matches_torch_bit_for_bit():
     seed = torch.randint(-(2**62), 2**62, (4099,), device="cuda")

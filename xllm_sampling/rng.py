@@ -38,16 +38,36 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch
     return c0, c1, c2, c3
 
 
+PYTHON_MAX_ROWS = 64  # on CPU, up to this many keys go through uniform_python (fewer, larger torch ops beyond)
+
+
 def uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:
     """One float64 uniform in [0, 1) per element of ``seed``/``position`` (int64 tensors, same shape).
 
     On a GPU one launch of the sampler extension computes it; elsewhere (or without a compiler)
-    the same bits come from the torch implementation below.
+    the same bits come from the torch implementation below, or for a few keys on the CPU from
+    plain Python integers (about 160 tiny torch operations cost more than a few rows of them).
     """
     kernel = kernels.load("sampler") if seed.is_cuda else None
     if kernel is not None:
         return kernel.uniform(seed.contiguous(), position.contiguous(), stream)
+    if seed.device.type == "cpu" and seed.numel() <= PYTHON_MAX_ROWS:
+        values = [uniform_python(s, p, stream) for s, p in zip(seed.flatten().tolist(), position.flatten().tolist())]
+        return torch.tensor(values, dtype=torch.float64).reshape(seed.shape)
     return uniform_torch(seed, position, stream)
+
+
+def uniform_python(seed: int, position: int, stream: int = 0) -> float:
+    """:func:`uniform_torch` for one key, on Python integers (the same bits)."""
+    c0, c1, c2, c3 = position & _MASK32, (position >> 32) & _MASK32, stream & _MASK32, 0
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for r in range(10):
+        if r:
+            k0 = (k0 + _W0) & _MASK32
+            k1 = (k1 + _W1) & _MASK32
+        p0, p1 = c0 * _M0, c2 * _M1
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
+    return (((c0 >> 5) << 26) | (c1 >> 6)) * (1.0 / (1 << 53))
 
 
 def uniform_torch(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:

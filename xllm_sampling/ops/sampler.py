@@ -221,8 +221,10 @@ def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
         above, tied = x > kth, x == kth
         keep_tied = k[:, None] - above.sum(-1, keepdim=True)  # ties kept, lowest indices first
         in_top_k = above | (tied & (tied.int().cumsum(-1) <= keep_tied)) | ~k_on[:, None]
-    candidate = in_top_k & (w >= min_p[:, None])
-    top_p_mass = top_p.double() * torch.where(in_top_k, wd, 0.0).sum(-1)
+    # Work a batch does not need is skipped (host checks: this path runs on CPU, or as a fallback).
+    candidate = in_top_k & (w >= min_p[:, None]) if bool((min_p > 0).any()) else in_top_k
+    any_top_p = bool((top_p < 1).any())
+    top_p_mass = top_p.double() * torch.where(in_top_k, wd, 0.0).sum(-1) if any_top_p else None
     position = _rows(params.position, batch, dev, torch.int64)
     seed = _rows(params.seed, batch, dev, torch.int64)
     index = torch.arange(vocab, device=dev)
@@ -232,13 +234,19 @@ def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
     for round_ in range(MAX_ROUNDS):
         if not bool(pending.any()):
             break
-        pivot_value = x.gather(-1, pivot.clamp(min=0)[:, None])
-        above_pivot = (pivot[:, None] < 0) | (x > pivot_value) | ((x == pivot_value) & (index < pivot[:, None]))
-        weight = torch.where(candidate & above_pivot, wd, 0.0)
+        if round_ == 0:
+            weight = torch.where(candidate, wd, 0.0)
+        else:
+            pivot_value = x.gather(-1, pivot.clamp(min=0)[:, None])
+            above_pivot = (x > pivot_value) | ((x == pivot_value) & (index < pivot[:, None]))
+            weight = torch.where(candidate & above_pivot, wd, 0.0)
         u = rng.uniform(seed, position, round_)
         chosen = _first_above(weight, u * weight.sum(-1))
         token = torch.where(pending, chosen, token)
-        pending &= top_p < 1  # without top-p the first draw stands
+        if not any_top_p:  # without top-p the first draw stands
+            pending = torch.zeros_like(pending)
+            break
+        pending &= top_p < 1
         chosen_value = x.gather(-1, chosen[:, None])
         ranked_above = (x > chosen_value) | ((x == chosen_value) & (index < chosen[:, None]))
         above_mass = torch.where(candidate & ranked_above, wd, 0.0).sum(-1)
