@@ -23,6 +23,7 @@
 
 #include "launch_helpers.cuh"
 #include "row_barrier.cuh"
+#include "vector_load.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -141,23 +142,9 @@ __device__ Stats block_reduce(Stats v, float c) {
   return r;
 }
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-// VEC elements of T per 16-byte load (VEC = 1: scalar loads for unaligned rows).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Vec<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Vec<T, VEC>*>(p);
-}
+using xllm::load;
+using xllm::to_float;
+using xllm::Vec;
 
 struct Chunk {
   int64_t begin, end;

@@ -31,12 +31,12 @@ int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
 }
 
 template <typename T>
-s::PerRow<T> per_row(const c10::optional<torch::Tensor>& values, double scalar, int64_t batch, c10::ScalarType type,
+s::PerRow<T> per_row(const c10::optional<torch::Tensor>& values, T scalar, int64_t batch, c10::ScalarType type,
                      const char* name) {
-  if (!values.has_value()) return {nullptr, static_cast<T>(scalar)};
+  if (!values.has_value()) return {nullptr, scalar};
   TORCH_CHECK(values->is_cuda() && values->scalar_type() == type && values->is_contiguous() && values->numel() == batch,
               name, ": contiguous (batch,) CUDA tensor of ", c10::toString(type));
-  return {values->data_ptr<T>(), static_cast<T>(scalar)};
+  return {values->data_ptr<T>(), scalar};
 }
 
 template <typename T>
@@ -118,14 +118,13 @@ void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, doub
   TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "logits: vocab below 2^31");
   s::Args args{};
   args.vocab = logits.size(1);
-  args.temperature = per_row<float>(temperature, temperature_scalar, batch, torch::kFloat32, "temperature");
-  args.top_p = per_row<float>(top_p, top_p_scalar, batch, torch::kFloat32, "top_p");
-  args.min_p = per_row<float>(min_p, min_p_scalar, batch, torch::kFloat32, "min_p");
-  args.top_k = per_row<int64_t>(top_k, static_cast<double>(top_k_scalar), batch, torch::kInt64, "top_k");
-  args.seed = per_row<int64_t>(seed, 0.0, batch, torch::kInt64, "seed");
-  args.seed.scalar = seed_scalar;
-  args.position = per_row<int64_t>(position, 0.0, batch, torch::kInt64, "position");
-  args.position.scalar = position_scalar;
+  auto f32 = [](double v) { return static_cast<float>(v); };
+  args.temperature = per_row(temperature, f32(temperature_scalar), batch, torch::kFloat32, "temperature");
+  args.top_p = per_row(top_p, f32(top_p_scalar), batch, torch::kFloat32, "top_p");
+  args.min_p = per_row(min_p, f32(min_p_scalar), batch, torch::kFloat32, "min_p");
+  args.top_k = per_row(top_k, top_k_scalar, batch, torch::kInt64, "top_k");
+  args.seed = per_row(seed, seed_scalar, batch, torch::kInt64, "seed");
+  args.position = per_row(position, position_scalar, batch, torch::kInt64, "position");
   const bool penalty = penalty_tokens.has_value();
   if (penalty) {
     TORCH_CHECK(penalty_tokens->is_cuda() && penalty_tokens->scalar_type() == torch::kInt64 &&
@@ -135,9 +134,9 @@ void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, doub
     args.penalty_tokens = penalty_tokens->data_ptr<int64_t>();
     args.penalty_len = penalty_tokens->size(1);
   }
-  args.frequency = per_row<float>(frequency, frequency_scalar, batch, torch::kFloat32, "frequency_penalty");
-  args.presence = per_row<float>(presence, presence_scalar, batch, torch::kFloat32, "presence_penalty");
-  args.repetition = per_row<float>(repetition, repetition_scalar, batch, torch::kFloat32, "repetition_penalty");
+  args.frequency = per_row(frequency, f32(frequency_scalar), batch, torch::kFloat32, "frequency_penalty");
+  args.presence = per_row(presence, f32(presence_scalar), batch, torch::kFloat32, "presence_penalty");
+  args.repetition = per_row(repetition, f32(repetition_scalar), batch, torch::kFloat32, "repetition_penalty");
   args.tokens = tokens.data_ptr<int64_t>();
   args.logprobs = logprobs.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(logits.device());

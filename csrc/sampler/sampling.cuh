@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "philox.cuh"
+#include "vector_load.cuh"
 
 namespace xllm::sampler {
 
@@ -68,18 +69,6 @@ struct Args {
   PerRow<float> frequency, presence, repetition;
   int64_t* tokens;  // (batch,) out
   float* logprobs;  // (batch,) out
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
 };
 
 // Order-preserving unsigned image of a float that is not NaN (+0 and -0 are made equal first).
@@ -438,7 +427,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int i = base + u * kThreads * VEC;
-      if (i < n) v[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + i);
+      if (i < n) v[u] = load<T, VEC>(x + i);
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
