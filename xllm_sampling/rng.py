@@ -16,7 +16,7 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 
 
 def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit halves of a * b for 32-bit a (int64 tensor) and constant b, without overflow."""
+    """High and low 32-bit halves of a * b for 32-bit a (int64 tensor or Python int) and constant b, without overflow."""
     p_lo = a * (b & 0xFFFF)  # < 2**48
     p_hi = a * (b >> 16)  # < 2**48
     hi = ((p_lo >> 16) + p_hi) >> 16
@@ -24,8 +24,8 @@ def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor], rounds: int = 10):
-    """Philox-4x32 on int64 tensors holding 32-bit words: four counter words, two key words."""
+def philox4x32(counter: tuple, key: tuple, rounds: int = 10):
+    """Philox-4x32 on int64 tensors (or Python integers) holding 32-bit words: four counter words, two key words."""
     c0, c1, c2, c3 = (c & _MASK32 for c in counter)
     k0, k1 = (k & _MASK32 for k in key)
     for r in range(rounds):
@@ -58,16 +58,9 @@ def uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torc
 
 
 def uniform_python(seed: int, position: int, stream: int = 0) -> float:
-    """:func:`uniform_torch` for one key, on Python integers (the same bits)."""
-    c0, c1, c2, c3 = position & _MASK32, (position >> 32) & _MASK32, stream & _MASK32, 0
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for r in range(10):
-        if r:
-            k0 = (k0 + _W0) & _MASK32
-            k1 = (k1 + _W1) & _MASK32
-        p0, p1 = c0 * _M0, c2 * _M1
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
-    return (((c0 >> 5) << 26) | (c1 >> 6)) * (1.0 / (1 << 53))
+    """:func:`uniform_torch` for one key, on Python integers (philox4x32 takes them as well)."""
+    x0, x1, _, _ = philox4x32((position, position >> 32, stream, 0), (seed, seed >> 32))
+    return (((x0 >> 5) << 26) | (x1 >> 6)) * (1.0 / (1 << 53))
 
 
 def uniform_torch(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:

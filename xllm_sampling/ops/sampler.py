@@ -138,12 +138,15 @@ def apply_penalties(x: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return torch.where(seen, x - counts.float() * col(penalties.frequency) - col(penalties.presence), x)
 
 
+def _penalised(logits: torch.Tensor, params: _Params) -> torch.Tensor:
+    """Float32 logits after the penalties (if any)."""
+    x = logits.float()
+    return x if params.penalties is None else apply_penalties(x, params.penalties)
+
+
 def _processed(logits: torch.Tensor, params: _Params) -> torch.Tensor:
     """Float32 logits after the penalties, with -0 made +0 (equal values rank by index alone)."""
-    x = logits.float()
-    if params.penalties is not None:
-        x = apply_penalties(x, params.penalties)
-    return x + 0.0
+    return _penalised(logits, params) + 0.0
 
 
 def _invalid_rows(x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +169,7 @@ def _ranked_keep(ranked: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
     """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``."""
-    x = logits.float()
-    if params.penalties is not None:
-        x = apply_penalties(x, params.penalties)
+    x = _penalised(logits, params)
     batch, dev = x.shape[0], x.device
     temperature = _rows(params.temperature, batch, dev, torch.float32)
     t = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
