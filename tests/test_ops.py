@@ -62,13 +62,17 @@ def test_philox_kernel_matches_torch_bit_for_bit():
     (lambda: xs.sample(torch.randn(2, 4), temperature=-0.5), "temperature: value -0.5"),
     (lambda: xs.sample(torch.randn(2, 4), min_p=torch.ones(3)), r"min_p: expected shape \(2,\)"),
     (lambda: xs.sample(torch.randn(2, 4), seed=torch.zeros(2)), "seed: dtype torch.float32"),
-    (lambda: xs.beam_search_step(torch.randn(6, 8), torch.zeros(6), 4), "logits: 6 rows is not a multiple"),
-    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4), 4), r"beam_scores: expected shape \(8,\) or \(2, 4\)"),
-    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(4, 2), 4), r"beam_scores: .* got \(4, 2\)"),
+    (lambda: xs.beam_search_step(torch.randn(6, 8), xs.BeamSearchState.start(2, 4, 3, 9)), r"logits: expected 2 x 4 = 8 rows"),
+    (lambda: xs.beam_search_step(torch.randn(4, 2), xs.BeamSearchState.start(1, 4, 3, 9, eos=[0, 1])),
+     "logits: a vocab of 2 has fewer than the 12 continuations"),
+    (lambda: xs.BeamSearchState.start(2, 33, 3, 9), "num_beams: at most 32, got 33"),
+    (lambda: xs.BeamSearchState.start(2, 4, 3, 3), "max_length: expected an int above prompt_len=3, got 3"),
+    (lambda: xs.BeamSearchState.start(2, 4, 3, 9, eos=[1, -2]), "eos: expected a token id or a list"),
+    (lambda: xs.BeamSearchState.start(2, 4, 3, 9, early_stopping="sometimes"), "early_stopping: expected True, False"),
     (lambda: xs.sample(torch.randn(2, 4), seed=2 ** 70), "seed: .* does not fit in int64"),
     (lambda: xs.sample(torch.randn(2, 4), top_k=2.5), "top_k: expected an integer, got 2.5"),
     (lambda: xs.logit_softmax(torch.randn(2, 4), "1.0"), "temperature: expected a number or a tensor, got str"),
-    (lambda: xs.beam_search_step(torch.randn(8, 8), torch.zeros(8), 0), "num_beams: expected an int >= 1"),
+    (lambda: xs.BeamSearchState.start(2, 0, 3, 9), "num_beams: expected an int >= 1"),
 ])
 def test_bad_input_is_a_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
@@ -79,8 +83,8 @@ def test_bad_input_is_a_value_error_naming_the_argument(call, match):
 def test_tensors_on_different_devices_are_refused():
     with pytest.raises(ValueError, match="temperature: on cpu but logits are on cuda"):
         xs.logit_softmax(torch.randn(2, 4, device="cuda"), torch.ones(2))
-    with pytest.raises(ValueError, match="beam_scores: on cpu"):
-        xs.beam_search_step(torch.randn(4, 8, device="cuda"), torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="logits: on cuda:0 but the beam state is on cpu"):
+        xs.beam_search_step(torch.randn(4, 8, device="cuda"), xs.BeamSearchState.start(2, 2, 3, 9))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,20 +119,6 @@ def test_sample_full_vocab_path_keeps_the_top_p_nucleus(device):
     x = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0] + [-9.0] * 2000], device=device)
     tokens = xs.sample(x.expand(4000, -1), top_p=0.9, position=torch.arange(4000, device=device)).tokens
     assert set(tokens.tolist()) == {0, 1}  # p = 0.663, 0.244, 0.090, ...: mass before token 2 is 0.907
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_beam_step_fast_equals_original(device):
-    x = torch.randn(12, 777, device=device)
-    s = -torch.rand(12, device=device)
-    fast = xs.beam_search_step(x, s, 3)
-    with flags.override(beam_search=False):
-        original = xs.beam_search_step(x, s, 3)
-    assert torch.equal(fast.tokens, original.tokens) and torch.equal(fast.beams, original.beams)
-    # both are float32 log-softmax plus score, each within the bound of float64's
-    bound = 2 * (tolerances.log_softmax_absolute_error(777, x.abs().max().item(), original.scores.abs().max().item())
-                 + 2 * tolerances.U * s.abs().max().item())
-    assert (fast.scores - original.scores).abs().max().item() <= bound
 
 
 def test_graph_runner_runs_eagerly_on_cpu():

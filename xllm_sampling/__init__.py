@@ -5,7 +5,7 @@ The six steps, in the order the series applies them:
 1. :func:`logit_softmax` - fused temperature + softmax / log-softmax;
 2. :func:`air_topk_last_dim` - radix-select top-k with workspace and output caches;
 3. :func:`sample` - sorting-free sampling with a counter-based generator;
-4. :func:`beam_search_step` - log-softmax + score + top-2W beam step from each beam's top-2W;
+4. :func:`beam_search_step` - one beam-search step (transformers' semantics) on device state;
 5. :class:`GraphRunner` - CUDA-graph capture of the sampling step;
 6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default).
 
@@ -25,7 +25,7 @@ _EXPORTS = {
     "sample": "sampler",
     "SampleOutput": "sampler",
     "beam_search_step": "beam_search",
-    "BeamStep": "beam_search",
+    "BeamSearchState": "beam_search",
     "GraphRunner": "cuda_graph",
 }
 __all__ = ["flags", *_EXPORTS]

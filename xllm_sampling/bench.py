@@ -15,7 +15,7 @@ import torch
 
 from . import flags, gate
 from .ops.air_topk import air_topk_last_dim
-from .ops.beam_search import beam_search_step
+from .ops.beam_search import BeamSearchState, beam_search_step
 from .ops.logit_softmax import logit_softmax
 from .ops.sampler import sample
 
@@ -36,8 +36,10 @@ SAMPLING_VARIANTS = {
     "sampling_penalties": (dict(top_k=50, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2), None),
 }
 PENALTY_TOKENS = 256  # generated tokens per request in "sampling_penalties"
-ALL_OPS = OPS + tuple(op for op in {**TOPK_VARIANTS, **SAMPLING_VARIANTS} if op not in OPS)
-NUM_BEAMS = 4
+# Beam widths (--ops): "beam_search" is 4 beams; the batch is the number of requests.
+BEAM_VARIANTS = {"beam_search": 4, "beam_search_w1": 1, "beam_search_w8": 8}
+BEAM_STEPS = 1024  # steps a timed state holds before it is rewound
+ALL_OPS = OPS + tuple(op for op in {**TOPK_VARIANTS, **SAMPLING_VARIANTS, **BEAM_VARIANTS} if op not in OPS)
 
 
 @dataclass
@@ -98,13 +100,29 @@ def _implementations(op: str, fi) -> dict[str, Callable | None]:
 
         ref = fi and fi_call and (lambda x, t: fi_call(fi, x, t))
         return {"original": with_flag("sampler", False, fn), "fast": with_flag("sampler", True, fn), "flashinfer": ref}
-    scores = {}
+    return {"original": with_flag("beam_search", False, _beam_step(BEAM_VARIANTS[op])),
+            "fast": with_flag("beam_search", True, _beam_step(BEAM_VARIANTS[op])), "flashinfer": None}
 
-    def beam(x, t):
-        s = scores.setdefault(x.shape[0], torch.zeros(x.shape[0], device=x.device))
-        return beam_search_step(x, s, NUM_BEAMS)
 
-    return {"original": with_flag("beam_search", False, beam), "fast": with_flag("beam_search", True, beam), "flashinfer": None}
+def _beam_step(beams: int) -> Callable:
+    """(x, t) -> one beam-search step of a mid-search state (EOS id 2, random beam scores) per batch,
+    rewound (outside the kernels, once per BEAM_STEPS calls) before its history is full."""
+    states = {}
+
+    def step(x, t):
+        batch = x.shape[0] // beams
+        if batch not in states:
+            state = BeamSearchState.start(batch, beams, 1, 1 + BEAM_STEPS, eos=2, device=x.device)
+            state.running_scores.copy_(-torch.rand(batch, beams, generator=torch.Generator().manual_seed(0)) * 10)
+            states[batch] = [state, 0]
+        state, calls = states[batch]
+        if calls == BEAM_STEPS:
+            state.steps.zero_()
+            calls = 0
+        states[batch][1] = calls + 1
+        beam_search_step(x, state)
+
+    return step
 
 
 def copy_bandwidth(device: str, timer: gate.Timer) -> float:
@@ -117,14 +135,14 @@ def copy_bandwidth(device: str, timer: gate.Timer) -> float:
 
 
 def _floor_bytes(op: str, batch: int, vocab: int, dtype: torch.dtype) -> int:
-    read = batch * vocab * dtype.itemsize * (NUM_BEAMS if op == "beam_search" else 1)
+    read = batch * vocab * dtype.itemsize * BEAM_VARIANTS.get(op, 1)
     return read + (batch * vocab * 4 if op == "logit_softmax" else 0)
 
 
 def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, bandwidth: float, reps: int, fi,
             timer: gate.Timer) -> Cell:
     """Time the three implementations of ``op`` at one size."""
-    rows = batch * NUM_BEAMS if op == "beam_search" else batch
+    rows = batch * BEAM_VARIANTS.get(op, 1)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
     copies = max(1, min(8, (2 * l2) // max(1, rows * vocab * dtype.itemsize) + 1))
     inputs = [((torch.randn(rows, vocab, device=device) * 3).to(dtype), torch.full((rows,), 0.8, device=device))

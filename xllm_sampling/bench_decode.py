@@ -1,6 +1,7 @@
-"""End to end (``xllm-port bench --decode``): the reference engine with the whole series applied,
-its decode loop timed per step (TPOT) and in tokens/s at several batch sizes, with every flag
-off, each step's flag on alone, and every flag on.
+"""End to end (``xllm-port bench --decode`` and ``--beam``): the reference engine with the whole
+series applied, its decode loop timed per step (TPOT) and in tokens/s at several batch sizes, with
+every flag off, each step's flag on alone, and every flag on; and its whole beam search with the
+``beam_search`` flag on against off.
 
 TPOT is the slope between a short and a long generation, so the prefill drops out; each figure
 is the median of ``reps`` pairs, wall clock with the device synchronised (host time included).
@@ -85,6 +86,50 @@ def run(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict
                 rows.append({"config": name, "batch": batch, "tpot_ms": tpot * 1e3, "tokens_per_s": batch / tpot})
                 progress(f"[{len(rows)}/{len(batches) * len(configs)}] decode B={batch} {name}: {tpot * 1e3:.2f} ms")
     return {"header": gate.environment() | {"vocab": vocab, "tokens": [SHORT, LONG]}, "decode": rows}
+
+
+BEAMS, BEAM_TOKENS = 4, 32  # beam width and new tokens of the timed searches (no EOS: every search runs 32 steps)
+
+
+def run_beam(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
+    """Time whole beam searches (prefill included) with the beam_search flag off and on; header and rows."""
+    device = gate.device_kind()
+    with _engine_with_series() as (_, (decode, model, _sampling)):
+        engine = decode.Engine(model.Config(vocab=vocab, max_len=BEAM_TOKENS + 16), device)
+        rows = []
+        for batch in batches:
+            prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
+
+            def search():
+                start = time.perf_counter()
+                engine.beam(prompts, BEAMS, BEAM_TOKENS, eos=[])
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - start
+
+            for on in (False, True):
+                with flags.override(beam_search=on):
+                    search()  # warm up
+                    seconds = statistics.median(search() for _ in range(reps))
+                rows.append({"beam_search": on, "batch": batch, "seconds": seconds,
+                             "tokens_per_s": batch * BEAM_TOKENS / seconds})
+                progress(f"[{len(rows)}/{2 * len(batches)}] beam search B={batch} flag {'on' if on else 'off'}: "
+                         f"{seconds * 1e3:.1f} ms")
+    return {"header": gate.environment() | {"vocab": vocab, "beams": BEAMS, "tokens": BEAM_TOKENS}, "beam": rows}
+
+
+def beam_table(report: dict) -> str:
+    """Rows: batch sizes; columns: flag off and on, each 'ms per search (tokens/s)', and the speed-up."""
+    h, rows = report["header"], report["beam"]
+    cell = {(r["batch"], r["beam_search"]): r for r in rows}
+    lines = [f"# beam search ({h['beams']} beams, {h['tokens']} tokens), reference engine with the series, vocab "
+             f"{h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
+             f"{'batch':>6} {'flag off: ms (tok/s)':>24} {'flag on: ms (tok/s)':>24} {'speed-up':>9}"]
+    for batch in sorted({r["batch"] for r in rows}):
+        off, on = cell[batch, False], cell[batch, True]
+        lines.append(f"{batch:>6} {off['seconds'] * 1e3:>12.1f} ({off['tokens_per_s']:8.0f}) "
+                     f"{on['seconds'] * 1e3:>12.1f} ({on['tokens_per_s']:8.0f}) {off['seconds'] / on['seconds']:>8.2f}x")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:

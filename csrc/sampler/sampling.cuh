@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "philox.cuh"
+#include "rank_key.cuh"
 #include "vector_load.cuh"
 
 namespace xllm::sampler {
@@ -70,12 +71,6 @@ struct Args {
   int64_t* tokens;  // (batch,) out
   float* logprobs;  // (batch,) out
 };
-
-// Order-preserving unsigned image of a float that is not NaN (+0 and -0 are made equal first).
-__device__ __forceinline__ uint32_t order_key(float x) {
-  const uint32_t u = __float_as_uint(x);
-  return u ^ ((u >> 31) ? 0xFFFFFFFFu : 0x80000000u);
-}
 
 __device__ __forceinline__ double warp_sum(double v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
@@ -270,12 +265,6 @@ __device__ void count_levels(const float* cache, int n, float row_max, float c, 
     const int w = __reduce_add_sync(kFull, count[j]);
     if (threadIdx.x % 32 == 0 && w) atomicAdd(&h[j], w);
   }
-}
-
-// A token's 64-bit rank key: its value's order-preserving bits, then ~index (equal values rank
-// the lower index first). The top k of a row are the k largest keys.
-__device__ __forceinline__ uint64_t rank_key(float v, int64_t index) {
-  return static_cast<uint64_t>(order_key(v)) << 32 | static_cast<uint32_t>(~static_cast<uint32_t>(index));
 }
 
 // The row's top k (1 <= k < vocab) as the k-th value's order-preserving bits (*kth) and the chunk

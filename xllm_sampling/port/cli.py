@@ -22,7 +22,8 @@ from .transaction import Interrupted, interruptible, signal_name
 
 BENCH_OPS = ("logit_softmax", "topk", "sampling", "beam_search")  # xllm_sampling.bench.OPS, without importing torch
 BENCH_ALL_OPS = BENCH_OPS + ("topk_unsorted", "topk1024", "topk1024_unsorted", "sampling_greedy", "sampling_plain",
-                             "sampling_top_p", "sampling_min_p", "sampling_penalties")
+                             "sampling_top_p", "sampling_min_p", "sampling_penalties", "beam_search_w1",
+                             "beam_search_w8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="time each op: torch, fast path, FlashInfer")
     p.add_argument("--ops", nargs="+", choices=BENCH_ALL_OPS, default=list(BENCH_OPS),
-                   help="default: the four ops (topk: k = 50 sorted); also topk_unsorted, topk1024, topk1024_unsorted")
+                   help="default: the four ops (topk: k = 50 sorted; beam_search: 4 beams, --batch counts requests); "
+                        "also topk_unsorted, topk1024, topk1024_unsorted, the sampling_* configurations, beam_search_w1, "
+                        "beam_search_w8")
     p.add_argument("--batch", nargs="+", type=int, help="default: 1 16 64 256 on a GPU, 1 16 on CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="default: 32000 128256 151936 on a GPU, 32000 on CPU")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -76,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true",
                    help="end to end instead: the reference engine's decode loop (TPOT, tokens/s) per flag configuration; "
                         "--batch default 1 16 64, --vocab its first value (default 151936 on a GPU, 32000 on CPU)")
+    p.add_argument("--beam", action="store_true",
+                   help="end to end instead: the reference engine's whole beam search (4 beams), flag beam_search on "
+                        "against off, in tokens/s; --batch default 1 16 64, --vocab as for --decode")
 
     p = sub.add_parser("demo", parents=[common], help="create the reference engine and apply the whole series")
     p.add_argument("--dir", type=Path, help="where to create the target (default: a new temporary folder)")
@@ -158,11 +164,14 @@ def _bench(args, progress) -> dict:
     from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
-    if args.decode:
+    if args.decode or args.beam:
         from .. import bench_decode
 
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
-        return bench_decode.run(args.batch or ([1, 16, 64] if gpu else [1, 16]), vocab, 3 if gpu else 2, progress)
+        batches = args.batch or ([1, 16, 64] if gpu else [1, 16])
+        if args.beam:
+            return bench_decode.run_beam(batches, vocab, 3 if gpu else 2, progress)
+        return bench_decode.run(batches, vocab, 3 if gpu else 2, progress)
     batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
@@ -242,7 +251,8 @@ def _output(args, result) -> None:
     elif args.command == "bench":
         from .. import bench, bench_decode
 
-        print(bench_decode.table(result) if "decode" in result else bench.table(result))
+        print(bench_decode.table(result) if "decode" in result else
+              bench_decode.beam_table(result) if "beam" in result else bench.table(result))
     elif args.command == "flags":
         rows = result if isinstance(result, list) else [result]
         for row in rows:

@@ -26,9 +26,10 @@ def main() -> None:
     prompts = torch.randint(1, engine.cfg.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     if args.num_beams:
-        out = engine.beam(prompts, args.num_beams, args.new_tokens)
-        generated = sum(len(s) - args.prompt_len for s in out)
-        print("\n".join(" ".join(map(str, s[args.prompt_len:])) for s in out))
+        sequences, _ = engine.beam(prompts, args.num_beams, args.new_tokens)
+        best = sequences[:, 0, args.prompt_len:].tolist()
+        generated = sum(len(s) for s in best)
+        print("\n".join(" ".join(map(str, s)) for s in best))
     else:
         params = SamplingParams(torch.full((args.batch,), args.temperature), args.top_k, args.top_p,
                                 seed=torch.arange(args.batch, dtype=torch.int64))

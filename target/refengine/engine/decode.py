@@ -43,15 +43,19 @@ class Engine:
             result["top_logprobs"] = top_logprobs(logits, params.temperature.to(self.device), logprobs)
         return result
 
-    def beam(self, prompts: torch.Tensor, num_beams: int, new_tokens: int, eos: int = 0,
-             length_penalty: float = 1.0, early_stopping: bool = False) -> list[list[int]]:
-        """Beam search from each row of ``prompts``; the best sequence of each, prompt included."""
+    def beam(self, prompts: torch.Tensor, num_beams: int, new_tokens: int, eos=0, length_penalty: float = 1.0,
+             early_stopping=False, pad: int | None = None):
+        """Beam search from each row of ``prompts``: (sequences (batch, num_beams, length), scores), best first.
+
+        ``eos`` is a token id or a list of them (empty: none); ``early_stopping`` True, False or
+        "never", as in transformers' ``generate``.
+        """
         prompts = prompts.to(self.device)
         cache = KVCache(self.cfg, prompts.shape[0] * num_beams, self.device)
 
         def step_logits(tokens, parents):
             if parents is not None:
-                cache.reorder(parents.to(self.device))
+                cache.reorder(parents)
             return self.model(tokens, cache)
 
-        return beam_search(step_logits, prompts, num_beams, new_tokens, eos, length_penalty, early_stopping)
+        return beam_search(step_logits, prompts, num_beams, new_tokens, eos, length_penalty, early_stopping, pad)

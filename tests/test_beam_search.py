@@ -1,0 +1,123 @@
+"""The beam-search step op: the kernel against the torch step, ties, dead rows, graph replay."""
+import dataclasses
+
+import pytest
+import torch
+
+import xllm_sampling as xs
+from xllm_sampling import flags
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+TENSORS = [f.name for f in dataclasses.fields(xs.BeamSearchState) if f.type == "torch.Tensor"]
+# Both paths compute float32 log-softmax (a max, a sum of exp and a log, each correctly rounded or
+# within an ulp) of logits |x| <= ~30 plus a score of magnitude <= ~60: a few float32 ulps of 60
+# (3.8e-6 each); the summation orders differ, so allow 1e-5.
+SCORE_BOUND = 1e-5
+
+
+def clone(state):
+    return dataclasses.replace(state, **{name: getattr(state, name).clone() for name in TENSORS})
+
+
+def assert_states_equal(a, b):
+    for name in TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        if x.dtype.is_floating_point:
+            assert (x - y).abs().max().item() <= SCORE_BOUND, name
+        else:
+            assert torch.equal(x, y), name
+
+
+def random_logits(rows, vocab, device, eos, dtype):
+    x = torch.randn(rows, vocab, device=device) * 3
+    for e in eos:
+        x[::3, e] += 9  # the EOS ids among the best of every third row: hypotheses finish
+    x[1::5, : vocab // 3] = float("-inf")  # masked tokens
+    return x.to(dtype)
+
+
+SHAPES = [(1, 1, 2, (1,)), (3, 4, 1000, (3,)), (2, 8, 32001, (3, 7)), (64, 4, 151936, (3,)), (4, 32, 4099, (3, 7, 11)),
+          (1, 4, 262144, ()), (5, 2, 50257, (50256,))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,beams,vocab,eos", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), (True, 0.6), ("never", 2.0)])
+def test_kernel_steps_equal_torch_steps(batch, beams, vocab, eos, dtype, early_stopping, length_penalty):
+    """Every step of a search up to max_length (the first with only beam 0 live, the last where every
+    continuation hits): the kernel leaves the state the torch step leaves, from the same state."""
+    torch_state = xs.BeamSearchState.start(batch, beams, 3, 9, eos, length_penalty, early_stopping, device="cuda")
+    for _ in range(6):
+        logits = random_logits(batch * beams, vocab, "cuda", eos, dtype)
+        kernel_state = clone(torch_state)
+        xs.beam_search_step(logits, kernel_state)
+        with flags.override(beam_search=False):
+            xs.beam_search_step(logits, torch_state)
+        assert_states_equal(kernel_state, torch_state)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_ranks_ties_by_lower_beam_then_lower_token(dtype):
+    """Identical beam rows of a few distinct values, equal beam scores: the running beams are the
+    best continuations ordered by score, then beam, then token (no EOS, far from max_length)."""
+    beams, vocab = 4, 5000
+    row = torch.randint(0, 4, (vocab,), device="cuda").to(dtype)
+    state = xs.BeamSearchState.start(2, beams, 1, 50, eos=(), device="cuda")
+    state.running_scores.zero_()
+    xs.beam_search_step(row.expand(2 * beams, vocab).contiguous(), state)
+    logp = torch.log_softmax(row.double(), -1).expand(beams, vocab).reshape(-1)
+    order = torch.sort(logp, descending=True, stable=True).indices[:beams]  # equal scores: lower flat index first
+    for b in range(2):
+        assert state.history_parents[b, :, 0].tolist() == (order // vocab).tolist()
+        assert state.history_tokens[b, :, 0].tolist() == (order % vocab).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("on", [True, False])
+def test_nan_and_all_inf_beams_have_no_continuation(device, on):
+    beams, vocab = 4, 3000
+    state = xs.BeamSearchState.start(1, beams, 1, 20, eos=(), device=device)
+    state.running_scores.zero_()
+    logits = torch.randn(beams, vocab, device=device)
+    logits[1, 17] = float("nan")
+    logits[2] = float("-inf")
+    with flags.override(beam_search=on):
+        xs.beam_search_step(logits, state)
+    parents = set(state.history_parents[0, :, 0].tolist())
+    assert parents <= {0, 3} and torch.isfinite(state.running_scores).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("on", [True, False])
+def test_first_step_extends_beam_zero_only(device, on):
+    """At the first step the other beams start at -1e9: every running beam descends from beam 0."""
+    state = xs.BeamSearchState.start(3, 4, 2, 10, eos=5, device=device)
+    with flags.override(beam_search=on):
+        xs.beam_search_step(torch.randn(12, 700, device=device), state)
+    assert (state.history_parents[:, :, 0] == 0).all()
+    assert (state.running_scores < 0).all() and (state.running_scores > -1e3).all()
+
+
+@pytest.mark.cuda
+def test_graph_replay_equals_eager():
+    """The kernel step captured once in a CUDA graph and replayed (the step counter lives on the
+    device, so each replay advances it) leaves the state eager steps leave, bit for bit."""
+    batch, beams, vocab, eos = 8, 4, 32000, (3,)
+    eager = xs.BeamSearchState.start(batch, beams, 2, 12, eos, device="cuda")
+    graphed = clone(eager)
+    static = torch.empty(batch * beams, vocab, device="cuda")
+    xs.beam_search_step(random_logits(batch * beams, vocab, "cuda", eos, torch.float32), clone(graphed))  # build, warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xs.beam_search_step(static, graphed)
+    for _ in range(10):
+        logits = random_logits(batch * beams, vocab, "cuda", eos, torch.float32)
+        static.copy_(logits)
+        graph.replay()
+        xs.beam_search_step(logits, eager)
+    torch.cuda.synchronize()
+    for name in TENSORS:
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
