@@ -8,6 +8,7 @@ import xllm_sampling as xs
 from xllm_sampling import flags
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+NEG = -1.0e9
 TENSORS = [f.name for f in dataclasses.fields(xs.BeamSearchState) if f.type == "torch.Tensor"]
 # Both paths compute float32 log-softmax (a max, a sum of exp and a log, each correctly rounded or
 # within an ulp) of logits |x| <= ~30 plus a score of magnitude <= ~60: a few float32 ulps of 60
@@ -19,13 +20,40 @@ def clone(state):
     return dataclasses.replace(state, **{name: getattr(state, name).clone() for name in TENSORS})
 
 
-def assert_states_equal(a, b):
-    for name in TENSORS:
-        x, y = getattr(a, name), getattr(b, name)
-        if x.dtype.is_floating_point:
-            assert (x - y).abs().max().item() <= SCORE_BOUND, name
-        else:
-            assert torch.equal(x, y), name
+def assert_states_equal(a, b, step, ties=False):
+    """The choices of ``step`` and everything the search's result depends on. Continuations that hit
+    score 1e9 lower, where float32 rounds to multiples of 64: those many equal values rank in an
+    order that torch.topk leaves unspecified, so only their scores are compared (they never become
+    a result: the search ends, or they are outranked by every live beam); so are pool slots without
+    a finished hypothesis. With ``ties`` (bf16/fp16 logits: many equal scores) the scores are
+    compared slot by slot and the choices by :func:`assert_choices_carry_their_scores`."""
+    live = b.running_scores > NEG / 2
+    assert torch.equal(a.running_scores > NEG / 2, live)
+    assert ((a.running_scores - b.running_scores)[live].abs() <= SCORE_BOUND).all()
+    finished = b.pool_finished
+    assert torch.equal(a.pool_finished, finished)
+    assert ((a.pool_scores - b.pool_scores)[finished].abs() <= SCORE_BOUND).all()
+    for name in ("improvable", "all_hit", "steps"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if ties:
+        return
+    for name in ("history_tokens", "history_parents"):
+        assert torch.equal(getattr(a, name)[:, :, step][live], getattr(b, name)[:, :, step][live]), name
+    for name in ("pool_step", "pool_parent", "pool_token"):
+        assert torch.equal(getattr(a, name)[finished], getattr(b, name)[finished]), name
+
+
+def assert_choices_carry_their_scores(state, step, logits, previous_scores):
+    """Each live running beam's (parent, token) scores what the state says (float64 log-softmax plus
+    the parent's score), and no (parent, token) is chosen twice."""
+    batch, beams = state.running_scores.shape
+    live = state.running_scores > NEG / 2
+    parents, tokens = state.history_parents[:, :, step], state.history_tokens[:, :, step]
+    rows = torch.arange(batch, device=parents.device)[:, None] * beams + parents
+    own = torch.log_softmax(logits.double(), -1)[rows, tokens] + previous_scores.double().gather(1, parents)
+    assert ((own - state.running_scores.double())[live].abs() <= SCORE_BOUND).all()
+    pairs = (parents * logits.shape[1] + tokens).tolist()
+    assert all(len(set(row)) == len(row) for row in pairs)
 
 
 def random_logits(rows, vocab, device, eos, dtype):
@@ -48,13 +76,16 @@ def test_kernel_steps_equal_torch_steps(batch, beams, vocab, eos, dtype, early_s
     """Every step of a search up to max_length (the first with only beam 0 live, the last where every
     continuation hits): the kernel leaves the state the torch step leaves, from the same state."""
     torch_state = xs.BeamSearchState.start(batch, beams, 3, 9, eos, length_penalty, early_stopping, device="cuda")
-    for _ in range(6):
+    for step in range(6):
         logits = random_logits(batch * beams, vocab, "cuda", eos, dtype)
-        kernel_state = clone(torch_state)
+        kernel_state, previous = clone(torch_state), torch_state.running_scores.clone()
         xs.beam_search_step(logits, kernel_state)
         with flags.override(beam_search=False):
             xs.beam_search_step(logits, torch_state)
-        assert_states_equal(kernel_state, torch_state)
+        ties = dtype != torch.float32
+        assert_states_equal(kernel_state, torch_state, step, ties)
+        if ties:
+            assert_choices_carry_their_scores(kernel_state, step, logits, previous)
 
 
 @pytest.mark.cuda

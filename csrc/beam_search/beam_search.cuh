@@ -137,6 +137,19 @@ __device__ void keep_largest(uint64_t* buffer, int* count, int c, uint64_t* thre
   __syncthreads();
 }
 
+constexpr int kRankSelect = 512;  // up to this many keys, rank each by counting (one pass) instead of a radix select
+
+// out[r] = the r-th largest of keys[0, n) for r < c (keys distinct where not 0; zeros are not ranked).
+__device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, uint64_t* out) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint64_t key = keys[i];
+    if (!key) continue;
+    int r = 0;
+    for (int j = 0; j < n; ++j) r += keys[j] > key;
+    if (r < c) out[r] = key;
+  }
+}
+
 // Online softmax: fold (m2, s2) into (m, s), where s is a sum of exp(x - m).
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   if (m2 > m) {
@@ -171,6 +184,7 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
     __syncthreads();
     if (count > kCapacity - kTile) keep_largest(buffer, &count, c, &threshold, sel);
     const uint64_t floor_key = threshold;
+    const float floor_value = floor_key ? rank_value(floor_key) : -kInf;
     Vec<T, VEC> v[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
@@ -189,11 +203,18 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
         s *= expf(m - vmax);
         m = vmax;
       }
+      bool any = false;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float value = inside ? to_float(v[u].v[j]) : -kInf;
+        if (inside && m != -kInf) s += expf(value - m);
+        if (value != value) s = value;  // a NaN marks the row (it then has no continuation)
+        any |= inside && !(value < floor_value);
+      }
+      if (!__any_sync(kFull, any)) continue;  // once the threshold has risen, most vectors stop here
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float value = inside ? to_float(v[u].v[j]) + 0.f : -kInf;  // + 0: -0 ranks as +0
-        if (inside && m != -kInf) s += expf(value - m);
-        if (value != value) s = value;  // a NaN marks the row (it then has no continuation)
         const uint64_t key = rank_key(value == value ? value : -kInf, i + j);
         append(buffer, &count, inside && key > floor_key, key);
       }
@@ -206,9 +227,14 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
   }
   if (threadIdx.x % 32 == 0) warp_partial[threadIdx.x / 32] = make_float2(m, s);
   __syncthreads();
-  if (count > c) keep_largest(buffer, &count, c, &threshold, sel);
   uint64_t* out = ws.keys + (row * splits + split) * c;
-  for (int i = threadIdx.x; i < c; i += kThreads) out[i] = i < count ? buffer[i] : 0;
+  if (count <= kRankSelect) {
+    for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;
+    rank_select(buffer, count, c, out);
+  } else {
+    keep_largest(buffer, &count, c, &threshold, sel);
+    for (int i = threadIdx.x; i < c; i += kThreads) out[i] = buffer[i];
+  }
   if (threadIdx.x == 0) {
     float bm = -kInf, bs = 0.f;
     for (int w = 0; w < kThreads / 32; ++w) combine(bm, bs, warp_partial[w].x, warp_partial[w].y);
@@ -247,6 +273,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   __shared__ Select sel;
   __shared__ int count;
   __shared__ float beam_max[kMaxBeams], beam_log_sum[kMaxBeams], beam_score[kMaxBeams];
+  __shared__ uint64_t ranked[kMaxCandidates];
   __shared__ Candidate cand[kMaxCandidates];
   __shared__ PoolEntry merged[kMaxBeams + kMaxCandidates];
   __shared__ bool pool_full, improvable;
@@ -288,27 +315,31 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   }
   __syncthreads();
   // 3. the C best, ranked
-  const uint64_t kth = kth_largest(keys, n, C, sel);
-  uint64_t mine[kCapacity / kThreads];
+  if (n <= kRankSelect) {
+    rank_select(keys, n, C, ranked);
+  } else {
+    const uint64_t kth = kth_largest(keys, n, C, sel);
+    uint64_t mine[kCapacity / kThreads];
 #pragma unroll
-  for (int j = 0; j < kCapacity / kThreads; ++j) {
-    const int i = threadIdx.x + j * kThreads;
-    mine[j] = i < n ? keys[i] : 0;
+    for (int j = 0; j < kCapacity / kThreads; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      mine[j] = i < n ? keys[i] : 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kCapacity / kThreads; ++j) append(keys, &count, mine[j] >= kth && mine[j] != 0, mine[j]);
+    __syncthreads();
+    rank_select(keys, C, C, ranked);
   }
   __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kCapacity / kThreads; ++j) append(keys, &count, mine[j] >= kth && mine[j] != 0, mine[j]);
-  __syncthreads();
   if (threadIdx.x < C) {
-    const uint64_t key = keys[threadIdx.x];
-    int r = 0;
-    for (int j = 0; j < C; ++j) r += keys[j] > key;
+    const uint64_t key = ranked[threadIdx.x];
     const int64_t flat = rank_index(key);
     const int64_t token = flat % vocab;
     bool hit = cur_len + 1 >= st.max_length;
     for (int e = 0; e < st.n_eos; ++e) hit |= token == st.eos[e];
     const float score = rank_value(key);
-    cand[r] = {score, score + (hit ? 1.f : 0.f) * kNeg, token, static_cast<int>(flat / vocab), hit};
+    cand[threadIdx.x] = {score, score + (hit ? 1.f : 0.f) * kNeg, token, static_cast<int>(flat / vocab), hit};
   }
   __syncthreads();
   // 4. running beams: the W best continuations, hits 1e9 lower (ties: by rank)

@@ -1,4 +1,6 @@
 """Parity of step beam_search: the engine's step against the op, and whole searches against transformers."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,12 +21,22 @@ def test_call_site_uses_the_op(spy):
     assert len(calls) == 1
 
 
-def states_equal(a, b, score_bound):
-    for name in ("history_tokens", "history_parents", "pool_finished", "pool_step", "pool_parent", "pool_token",
-                 "improvable", "all_hit", "steps"):
+def states_equal(a, b, step, score_bound, ties):
+    """The step's choices and the finished pool. Continuations that hit score 1e9 lower, where
+    float32 rounds to multiples of 64, rank in an order torch.topk leaves unspecified: only their
+    scores are compared; bf16 logits tie often, so there only the scores are compared slot by slot."""
+    live = b.running_scores > -5e8
+    assert torch.equal(a.running_scores > -5e8, live)
+    assert ((a.running_scores - b.running_scores)[live].abs() <= score_bound).all()
+    assert torch.equal(a.pool_finished, b.pool_finished)
+    assert ((a.pool_scores - b.pool_scores)[b.pool_finished].abs() <= score_bound).all()
+    for name in ("improvable", "all_hit", "steps"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for name in ("running_scores", "pool_scores"):
-        assert (getattr(a, name) - getattr(b, name)).abs().max().item() <= score_bound, name
+    if not ties:
+        for name in ("history_tokens", "history_parents"):
+            assert torch.equal(getattr(a, name)[:, :, step][live], getattr(b, name)[:, :, step][live]), name
+        for name in ("pool_step", "pool_parent", "pool_token"):
+            assert torch.equal(getattr(a, name)[b.pool_finished], getattr(b, name)[b.pool_finished]), name
 
 
 @pytest.mark.parametrize("batch,num_beams,vocab", [(1, 1, 2), (2, 4, 1000), (3, 2, 32001), (16, 4, 4096), (1, 8, 151936)])
@@ -33,17 +45,20 @@ def test_steps_match_the_original(device, batch, num_beams, vocab, dtype):
     """Six steps of random logits (EOS favoured in some rows, -inf in others) through the patched
     step (flag on) and the original (flag off): the same choices, scores within 1e-5."""
     eos = min(3, vocab - 1)
-    states = [start(batch, num_beams, vocab, device, eos=(eos,)) for _ in range(2)]
-    for _ in range(6):
+    reference = start(batch, num_beams, vocab, device, eos=(eos,))
+    for step in range(6):
         logits = torch.randn(batch * num_beams, vocab, device=device) * 3
         logits[::3, eos] += 8  # the EOS among the best of every third row
         logits[1::4, vocab // 2:] = float("-inf")
         logits = logits.to(dtype)
-        for state, on in zip(states, (True, False)):
-            with flags.override(beam_search=on):
-                beam.beam_step(logits, state)
+        patched = dataclasses.replace(reference, **{f.name: getattr(reference, f.name).clone()
+                                                   for f in dataclasses.fields(reference) if isinstance(getattr(reference, f.name), torch.Tensor)})
+        with flags.override(beam_search=True):
+            beam.beam_step(logits, patched)
+        with flags.override(beam_search=False):
+            beam.beam_step(logits, reference)
         # float32 log-softmax of |x| <= ~20 plus a score of a few units: both paths round at ~1e-6
-        states_equal(states[0], states[1], 1e-5)
+        states_equal(patched, reference, step, 1e-5, ties=dtype != torch.float32)
 
 
 CASES = [(eos, bias, length_penalty) for eos, bias in ((None, 0.0), (EOS, 3.0), ([EOS, 9], 2.0))
