@@ -25,18 +25,19 @@ def assert_states_equal(a, b, step, ties=False):
     score 1e9 lower, where float32 rounds to multiples of 64: those many equal values rank in an
     order that torch.topk leaves unspecified, so only their scores are compared (they never become
     a result: the search ends, or they are outranked by every live beam); so are pool slots without
-    a finished hypothesis. With ``ties`` (bf16/fp16 logits: many equal scores) the scores are
-    compared slot by slot and the choices by :func:`assert_choices_carry_their_scores`."""
+    a finished hypothesis. With ``ties`` (bf16/fp16 logits: many equal scores) the running scores
+    are compared slot by slot and the choices by :func:`assert_choices_carry_their_scores`."""
     live = b.running_scores > NEG / 2
     assert torch.equal(a.running_scores > NEG / 2, live)
     assert ((a.running_scores - b.running_scores)[live].abs() <= SCORE_BOUND).all()
+    assert torch.equal(a.steps, b.steps)
+    if ties:  # equal continuations may be chosen differently, and with them the ones that end
+        return
     finished = b.pool_finished
     assert torch.equal(a.pool_finished, finished)
     assert ((a.pool_scores - b.pool_scores)[finished].abs() <= SCORE_BOUND).all()
-    for name in ("improvable", "all_hit", "steps"):
+    for name in ("improvable", "all_hit"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    if ties:
-        return
     for name in ("history_tokens", "history_parents"):
         assert torch.equal(getattr(a, name)[:, :, step][live], getattr(b, name)[:, :, step][live]), name
     for name in ("pool_step", "pool_parent", "pool_token"):

@@ -24,19 +24,22 @@ def test_call_site_uses_the_op(spy):
 def states_equal(a, b, step, score_bound, ties):
     """The step's choices and the finished pool. Continuations that hit score 1e9 lower, where
     float32 rounds to multiples of 64, rank in an order torch.topk leaves unspecified: only their
-    scores are compared; bf16 logits tie often, so there only the scores are compared slot by slot."""
+    scores are compared; bf16 logits tie often, so there only the running scores are compared slot
+    by slot (equal continuations may be chosen differently, and with them the ones that end)."""
     live = b.running_scores > -5e8
     assert torch.equal(a.running_scores > -5e8, live)
     assert ((a.running_scores - b.running_scores)[live].abs() <= score_bound).all()
+    assert torch.equal(a.steps, b.steps)
+    if ties:  # which of several equal continuations ends a hypothesis is the tie order's choice
+        return
     assert torch.equal(a.pool_finished, b.pool_finished)
     assert ((a.pool_scores - b.pool_scores)[b.pool_finished].abs() <= score_bound).all()
     for name in ("improvable", "all_hit", "steps"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    if not ties:
-        for name in ("history_tokens", "history_parents"):
-            assert torch.equal(getattr(a, name)[:, :, step][live], getattr(b, name)[:, :, step][live]), name
-        for name in ("pool_step", "pool_parent", "pool_token"):
-            assert torch.equal(getattr(a, name)[b.pool_finished], getattr(b, name)[b.pool_finished]), name
+    for name in ("history_tokens", "history_parents"):
+        assert torch.equal(getattr(a, name)[:, :, step][live], getattr(b, name)[:, :, step][live]), name
+    for name in ("pool_step", "pool_parent", "pool_token"):
+        assert torch.equal(getattr(a, name)[b.pool_finished], getattr(b, name)[b.pool_finished]), name
 
 
 @pytest.mark.parametrize("batch,num_beams,vocab", [(1, 1, 2), (2, 4, 1000), (3, 2, 32001), (16, 4, 4096), (1, 8, 151936)])
