@@ -1,11 +1,13 @@
 """The beam-search step op: the kernel against the torch step, ties, dead rows, graph replay."""
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
 
 import xllm_sampling as xs
 from xllm_sampling import flags
+from xllm_sampling.paths import TARGET_TEMPLATE
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 NEG = -1.0e9
@@ -153,3 +155,47 @@ def test_graph_replay_equals_eager():
     torch.cuda.synchronize()
     for name in TENSORS:
         assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+
+
+def reference_engine_beam():
+    """The reference engine's own beam search module (engine/beam.py imports only torch)."""
+    spec = importlib.util.spec_from_file_location("refengine_beam", TARGET_TEMPLATE / "engine" / "beam.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), (True, 0.6), ("never", 2.0)])
+def test_search_through_the_state_api_equals_the_engines_search(device, early_stopping, length_penalty):
+    """A whole search driven by last_tokens / last_parents / done / results (the op's state API; the
+    kernel on a GPU) returns the reference engine's sequences and scores on the same logits."""
+    batch, beams, vocab, prompt_len, new = 3, 4, 60, 4, 10
+    g = torch.Generator().manual_seed(0)
+    last, before = (torch.randn(vocab, vocab, generator=g) * 2).to(device), torch.randn(vocab, vocab, generator=g).to(device)
+    last[:, 7] += 2  # EOS id 7 is often among the best: hypotheses end early
+
+    def logits_of(ids):
+        return last[ids[:, -1]] + 0.5 * before[ids[:, -2]]
+
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    state = xs.BeamSearchState.start(batch, beams, prompt_len, prompt_len + new, 7, length_penalty, early_stopping, device)
+    ids = prompts.repeat_interleave(beams, 0)
+    for step in range(new):
+        xs.beam_search_step(logits_of(ids), state)
+        if state.done():
+            break
+        ids = torch.cat((ids[state.last_parents(step)], state.last_tokens(step)[:, None]), 1)
+    sequences, scores = state.results(prompts, pad=7)
+
+    rows = {}
+
+    def step_logits(tokens, parents):
+        rows["ids"] = tokens if parents is None else torch.cat((rows["ids"][parents], tokens), 1)
+        return logits_of(rows["ids"])
+
+    expected, expected_scores = reference_engine_beam().beam_search(step_logits, prompts, beams, new, [7],
+                                                                     length_penalty, early_stopping, pad=7)
+    assert torch.equal(sequences, expected)
+    assert ((scores - expected_scores).abs() <= SCORE_BOUND).all()
+    assert (expected[..., -1] == 7).any()  # some hypotheses ended on the EOS

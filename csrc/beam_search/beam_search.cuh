@@ -115,8 +115,8 @@ __device__ __forceinline__ void append(uint64_t* buffer, int* count, bool take, 
   if (take) buffer[base + __popc(mask & ((1u << lane) - 1))] = key;
 }
 
-// Keep the c largest of buffer[0, *count) (c < *count): *threshold becomes the c-th largest.
-__device__ void keep_largest(uint64_t* buffer, int* count, int c, uint64_t* threshold, Select& s) {
+// Keep the c largest of buffer[0, *count) (c < *count, *count read after a barrier); returns the c-th largest.
+__device__ uint64_t keep_largest(uint64_t* buffer, int* count, int c, Select& s) {
   const int n = *count;
   const uint64_t kth = kth_largest(buffer, n, c, s);
   constexpr int kPer = kCapacity / kThreads;
@@ -127,14 +127,12 @@ __device__ void keep_largest(uint64_t* buffer, int* count, int c, uint64_t* thre
     mine[j] = i < n ? buffer[i] : 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    *count = 0;
-    *threshold = kth;
-  }
+  if (threadIdx.x == 0) *count = 0;
   __syncthreads();
 #pragma unroll
   for (int j = 0; j < kPer; ++j) append(buffer, count, mine[j] >= kth && mine[j] != 0, mine[j]);
   __syncthreads();
+  return kth;
 }
 
 constexpr int kRankSelect = 512;  // up to this many keys, rank each by counting (one pass) instead of a radix select
@@ -168,22 +166,20 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
   __shared__ uint64_t buffer[kCapacity];
   __shared__ Select sel;
   __shared__ int count;
-  __shared__ uint64_t threshold;
   __shared__ float2 warp_partial[kThreads / 32];
   const int64_t row = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int64_t begin = split * chunk, end = min(begin + chunk, vocab);
   const T* x = logits + row * vocab;
   if (threadIdx.x == 0) {
     count = 0;
-    threshold = 0;
     if (row == 0 && split == 0) *ws.step = *steps;
   }
   float m = -kInf, s = 0.f;
+  uint64_t floor_key = 0;  // keys at or below it cannot be among the slice's c best
   constexpr int kLoads = kTile / (kThreads * VEC);
   for (int64_t base = begin; base < end; base += kTile) {
     __syncthreads();
-    if (count > kCapacity - kTile) keep_largest(buffer, &count, c, &threshold, sel);
-    const uint64_t floor_key = threshold;
+    if (count > kCapacity - kTile) floor_key = keep_largest(buffer, &count, c, sel);
     const float floor_value = floor_key ? rank_value(floor_key) : -kInf;
     Vec<T, VEC> v[kLoads];
 #pragma unroll
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
     for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;
     rank_select(buffer, count, c, out);
   } else {
-    keep_largest(buffer, &count, c, &threshold, sel);
+    keep_largest(buffer, &count, c, sel);
     for (int i = threadIdx.x; i < c; i += kThreads) out[i] = buffer[i];
   }
   if (threadIdx.x == 0) {
@@ -282,8 +278,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   if (step >= n_new) return;  // at max_length already: nothing to advance
   const int64_t cur_len = st.prompt_len + step;
   // 1. each beam's log-softmax shift (NaN: a NaN logit or only -inf, no continuation)
-  if (threadIdx.x < W) {
+  const int per_beam = splits * C, n = W * per_beam;
+  if (threadIdx.x < W) {  // and the pool before this step
     const int64_t row = static_cast<int64_t>(b) * W + threadIdx.x;
+    merged[threadIdx.x] = {st.pool_scores[row], st.pool_finished[row], st.pool_step[row], st.pool_parent[row],
+                           st.pool_token[row]};
     float m = -kInf, s = 0.f;
     for (int i = 0; i < splits; ++i) combine(m, s, ws.partial[row * splits + i].x, ws.partial[row * splits + i].y);
     const bool dead = m == -kInf || s != s;
@@ -292,20 +291,14 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
     beam_score[threadIdx.x] = st.running_scores[row];
   }
   if (threadIdx.x == 0) {
-    count = 0;
+    count = n;
     bool full = true;
     for (int w = 0; w < W; ++w) full &= st.pool_finished[b * W + w];
     pool_full = full && st.early_stopping == 1;
     improvable = st.improvable[b];
   }
-  if (threadIdx.x < W) {  // the pool before this step
-    const int64_t slot = static_cast<int64_t>(b) * W + threadIdx.x;
-    merged[threadIdx.x] = {st.pool_scores[slot], st.pool_finished[slot], st.pool_step[slot], st.pool_parent[slot],
-                           st.pool_token[slot]};
-  }
   __syncthreads();
   // 2. every slice's keys rescored as cumulative log-probabilities: ((x - max) - log(sum)) + score
-  const int per_beam = splits * C, n = W * per_beam;
   for (int i = threadIdx.x; i < n; i += kThreads) {
     const int beam = i / per_beam;
     const uint64_t raw = ws.keys[(static_cast<int64_t>(b) * W + beam) * per_beam + i % per_beam];
@@ -318,17 +311,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   if (n <= kRankSelect) {
     rank_select(keys, n, C, ranked);
   } else {
-    const uint64_t kth = kth_largest(keys, n, C, sel);
-    uint64_t mine[kCapacity / kThreads];
-#pragma unroll
-    for (int j = 0; j < kCapacity / kThreads; ++j) {
-      const int i = threadIdx.x + j * kThreads;
-      mine[j] = i < n ? keys[i] : 0;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kCapacity / kThreads; ++j) append(keys, &count, mine[j] >= kth && mine[j] != 0, mine[j]);
-    __syncthreads();
+    keep_largest(keys, &count, C, sel);
     rank_select(keys, C, C, ranked);
   }
   __syncthreads();

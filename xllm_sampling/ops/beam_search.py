@@ -88,11 +88,6 @@ class BeamSearchState:
                    full(-1, (b, w), torch.int64), full(-1, (b, w), torch.int64), full(True, (b,), torch.bool),
                    full(False, (b,), torch.bool))
 
-    @property
-    def num_candidates(self) -> int:
-        """C: continuations kept per request and step, max(2, 1 + number of EOS ids) x beams."""
-        return num_candidates(self)
-
     def done(self) -> bool:
         """Whether the search is over (transformers' stopping rule; reads the device: one sync)."""
         full = bool(self.pool_finished.all()) and self.early_stopping is True
