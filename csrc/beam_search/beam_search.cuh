@@ -60,6 +60,8 @@ struct State {
 struct Select {
   int hist[256];
   int digit, above;
+  uint64_t floor;
+  uint64_t seeds[kThreads];
 };
 
 // The k-th largest of keys[0, n) (1 <= k <= n, keys distinct): an MSB-first radix select, 8 bits a round.
@@ -148,6 +150,50 @@ __device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, 
   }
 }
 
+// A key below the block's c best, from each thread's best key `mine`: the (c + 1)-th largest of
+// the threads' bests (c of them are above it, so the c best are above it too; 0 when fewer than
+// c + 1 threads have a key). Filtering by it leaves a few times c keys instead of all of them.
+__device__ uint64_t seed_floor(uint64_t mine, int c, Select& s) {
+  if (threadIdx.x == 0) s.floor = 0;
+  s.seeds[threadIdx.x] = mine;
+  __syncthreads();
+  int r = 0;
+  for (int k = 0; k < kThreads; ++k) r += s.seeds[k] > mine;
+  if (r == c && mine) s.floor = mine;
+  __syncthreads();
+  const uint64_t floor = s.floor;
+  __syncthreads();  // s is rewritten by the next call
+  return floor;
+}
+
+// out[r] = the r-th largest of keys[0, *count) for r < c (*count read after a barrier, at most
+// kCapacity; zeros are not keys): filter by seed_floor, then rank by counting, or by a radix
+// select when many keys remain. keys and *count are overwritten.
+__device__ void select_top(uint64_t* keys, int* count, int c, uint64_t* out, Select& s) {
+  constexpr int kPer = kCapacity / kThreads;
+  const int n = *count;
+  uint64_t mine[kPer], best = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    mine[j] = i < n ? keys[i] : 0;
+    best = max(best, mine[j]);
+  }
+  const uint64_t floor = seed_floor(best, c, s);
+  if (threadIdx.x == 0) *count = 0;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) append(keys, count, mine[j] > floor, mine[j]);
+  __syncthreads();
+  if (*count <= kRankSelect) {
+    rank_select(keys, *count, c, out);
+  } else {
+    keep_largest(keys, count, c, s);
+    rank_select(keys, c, c, out);
+  }
+  __syncthreads();
+}
+
 // Online softmax: fold (m2, s2) into (m, s), where s is a sum of exp(x - m).
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
   if (m2 > m) {
@@ -177,16 +223,36 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
   float m = -kInf, s = 0.f;
   uint64_t floor_key = 0;  // keys at or below it cannot be among the slice's c best
   constexpr int kLoads = kTile / (kThreads * VEC);
+  Vec<T, VEC> next[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int64_t i = begin + (u * kThreads + threadIdx.x) * VEC;
+    if (i < end) next[u] = load<T, VEC>(x + i);
+  }
   for (int64_t base = begin; base < end; base += kTile) {
     __syncthreads();
     if (count > kCapacity - kTile) floor_key = keep_largest(buffer, &count, c, sel);
-    const float floor_value = floor_key ? rank_value(floor_key) : -kInf;
     Vec<T, VEC> v[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int64_t i = base + (u * kThreads + threadIdx.x) * VEC;
-      if (i < end) v[u] = load<T, VEC>(x + i);
+      v[u] = next[u];
+      const int64_t i = base + kTile + (u * kThreads + threadIdx.x) * VEC;
+      if (i < end) next[u] = load<T, VEC>(x + i);  // the next tile's loads fly during this tile's work
     }
+    if (base == begin) {  // the first tile seeds the threshold: only keys above it are buffered
+      uint64_t best = 0;
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t i = base + (u * kThreads + threadIdx.x) * VEC;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float value = to_float(v[u].v[j]) + 0.f;
+          if (i < end) best = max(best, rank_key(value == value ? value : -kInf, i + j));
+        }
+      }
+      floor_key = seed_floor(best, c, sel);
+    }
+    const float floor_value = floor_key ? rank_value(floor_key) : -kInf;
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int64_t i = base + (u * kThreads + threadIdx.x) * VEC;
@@ -224,13 +290,8 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
   if (threadIdx.x % 32 == 0) warp_partial[threadIdx.x / 32] = make_float2(m, s);
   __syncthreads();
   uint64_t* out = ws.keys + (row * splits + split) * c;
-  if (count <= kRankSelect) {
-    for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;
-    rank_select(buffer, count, c, out);
-  } else {
-    keep_largest(buffer, &count, c, sel);
-    for (int i = threadIdx.x; i < c; i += kThreads) out[i] = buffer[i];
-  }
+  for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;  // a slice of fewer than c elements
+  select_top(buffer, &count, c, out, sel);
   if (threadIdx.x == 0) {
     float bm = -kInf, bs = 0.f;
     for (int w = 0; w < kThreads / 32; ++w) combine(bm, bs, warp_partial[w].x, warp_partial[w].y);
@@ -279,25 +340,37 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   const int64_t cur_len = st.prompt_len + step;
   // 1. each beam's log-softmax shift (NaN: a NaN logit or only -inf, no continuation)
   const int per_beam = splits * C, n = W * per_beam;
-  if (threadIdx.x < W) {  // and the pool before this step
-    const int64_t row = static_cast<int64_t>(b) * W + threadIdx.x;
-    merged[threadIdx.x] = {st.pool_scores[row], st.pool_finished[row], st.pool_step[row], st.pool_parent[row],
-                           st.pool_token[row]};
+  const int lane = threadIdx.x % 32;
+  for (int beam = threadIdx.x / 32; beam < W; beam += kThreads / 32) {  // a warp per beam: its slices' partials
+    const int64_t row = static_cast<int64_t>(b) * W + beam;
     float m = -kInf, s = 0.f;
-    for (int i = 0; i < splits; ++i) combine(m, s, ws.partial[row * splits + i].x, ws.partial[row * splits + i].y);
-    const bool dead = m == -kInf || s != s;
-    beam_max[threadIdx.x] = dead ? __int_as_float(0x7fc00000) : m;
-    beam_log_sum[threadIdx.x] = logf(s);
-    beam_score[threadIdx.x] = st.running_scores[row];
+    for (int i = lane; i < splits; i += 32) combine(m, s, ws.partial[row * splits + i].x, ws.partial[row * splits + i].y);
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(kFull, m, off), s2 = __shfl_xor_sync(kFull, s, off);
+      combine(m, s, m2, s2);
+    }
+    if (lane == 0) {
+      const bool dead = m == -kInf || s != s;
+      beam_max[beam] = dead ? __int_as_float(0x7fc00000) : m;
+      beam_log_sum[beam] = logf(s);
+      beam_score[beam] = st.running_scores[row];
+    }
+  }
+  if (threadIdx.x < W) {  // the pool before this step
+    const int64_t slot = static_cast<int64_t>(b) * W + threadIdx.x;
+    merged[threadIdx.x] = {st.pool_scores[slot], st.pool_finished[slot], st.pool_step[slot], st.pool_parent[slot],
+                           st.pool_token[slot]};
   }
   if (threadIdx.x == 0) {
     count = n;
-    bool full = true;
-    for (int w = 0; w < W; ++w) full &= st.pool_finished[b * W + w];
-    pool_full = full && st.early_stopping == 1;
     improvable = st.improvable[b];
   }
   __syncthreads();
+  if (threadIdx.x == 0) {
+    bool full = true;
+    for (int w = 0; w < W; ++w) full &= merged[w].finished;
+    pool_full = full && st.early_stopping == 1;
+  }
   // 2. every slice's keys rescored as cumulative log-probabilities: ((x - max) - log(sum)) + score
   for (int i = threadIdx.x; i < n; i += kThreads) {
     const int beam = i / per_beam;
@@ -308,13 +381,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   }
   __syncthreads();
   // 3. the C best, ranked
-  if (n <= kRankSelect) {
-    rank_select(keys, n, C, ranked);
-  } else {
-    keep_largest(keys, &count, C, sel);
-    rank_select(keys, C, C, ranked);
-  }
-  __syncthreads();
+  select_top(keys, &count, C, ranked, sel);
   if (threadIdx.x < C) {
     const uint64_t key = ranked[threadIdx.x];
     const int64_t flat = rank_index(key);
