@@ -1,4 +1,4 @@
-"""`xllm-port bench` on CPU: the op table and the end-to-end decode table, small sizes."""
+"""`xllm-port bench` on CPU: the op table, the end-to-end decode and beam-search tables, small sizes."""
 import json
 
 from xllm_sampling.port.cli import run
@@ -34,3 +34,37 @@ def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
                for r in rows)
     assert run(["bench", "--decode", "--batch", "1", "--vocab", "512"]) == 0
     assert "all on" in capsys.readouterr().out
+
+
+def test_op_bench_beam_widths_count_requests(capsys):
+    """beam_search_w1 / beam_search / beam_search_w8 time 1, 4 and 8 beams per request; the floor
+    reads batch x beams rows, and each timed state is rewound before its history is full."""
+    ops = ["beam_search_w1", "beam_search", "beam_search_w8"]
+    assert run(["bench", "--ops", *ops, "--batch", "2", "--vocab", "500", "--reps", "2", "--json"]) == 0
+    cells = json.loads(capsys.readouterr().out)["cells"]
+    assert [c["op"] for c in cells] == ops
+    assert all(c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
+    floors = [c["floor_us"] for c in cells]
+    assert abs(floors[1] / floors[0] - 4) < 1e-6 and abs(floors[2] / floors[0] - 8) < 1e-6
+
+
+def test_beam_bench_times_whole_searches_flag_off_and_on(capsys):
+    assert run(["bench", "--beam", "--batch", "1", "2", "--vocab", "512", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["beam"]
+    assert [(r["batch"], r["beam_search"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all(r["seconds"] > 0 and abs(r["tokens_per_s"] - r["batch"] * 32 / r["seconds"]) < 1e-6 * r["tokens_per_s"]
+               for r in rows)
+    assert run(["bench", "--beam", "--batch", "1", "--vocab", "512"]) == 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_beam_bench_state_is_rewound_before_its_history_is_full():
+    """More calls than a timed state has steps: without the rewind the step past max_length would fail."""
+    import torch
+
+    from xllm_sampling import bench
+
+    step = bench._beam_step(2)
+    x = torch.randn(2, 50)
+    for _ in range(bench.BEAM_STEPS + 3):
+        step(x, None)
