@@ -13,12 +13,12 @@ namespace {
 namespace bs = xllm::beam;
 using xllm::round_up;
 
-// Slices per beam row: enough blocks for about four per SM, each slice at least one tile, and
-// no more keys per request than the merge buffers.
+// Slices per beam row: enough blocks for the two per SM that fit, each slice at least
+// kMinSlice elements, and no more keys per request than the merge buffers.
 int64_t splits_for(int sms, int64_t rows, int64_t vocab, int64_t beams, int64_t candidates) {
   const int64_t by_merge = bs::kCapacity / (beams * candidates);
-  const int64_t by_length = (vocab + bs::kTile - 1) / bs::kTile;
-  const int64_t wanted = (4 * sms + rows - 1) / rows;
+  const int64_t by_length = (vocab + bs::kMinSlice - 1) / bs::kMinSlice;
+  const int64_t wanted = (2 * sms + rows - 1) / rows;
   return std::max<int64_t>(1, std::min({wanted, by_merge, by_length}));
 }
 
@@ -27,20 +27,26 @@ void check(const torch::Tensor& t, c10::ScalarType type, int64_t numel, const ch
               c10::toString(type), " CUDA tensor of ", numel, " elements");
 }
 
-template <typename T>
-void launch_candidates(const torch::Tensor& logits, int64_t chunk, int64_t slices, int vec, int candidates,
-                       bs::Workspace ws, const int64_t* steps) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(rows));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const T* x = reinterpret_cast<const T*>(logits.data_ptr());
-  if (vec == kVec) {
-    bs::candidates_kernel<T, kVec><<<grid, bs::kThreads, 0, stream>>>(x, vocab, chunk, candidates, ws, steps);
-  } else {
-    bs::candidates_kernel<T, 1><<<grid, bs::kThreads, 0, stream>>>(x, vocab, chunk, candidates, ws, steps);
-  }
+template <typename T, bool BULK>
+void launch_candidates(const torch::Tensor& logits, int64_t chunk, int64_t slices, int candidates, bs::Workspace ws,
+                       const int64_t* steps) {
+  constexpr auto kernel = bs::candidates_kernel<T, BULK>;
+  xllm::configure_once<kernel>(logits.get_device(), bs::kStreamBytes);
+  const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(logits.size(0)));
+  kernel<<<grid, bs::kThreads, bs::kStreamBytes, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(logits.data_ptr()), logits.size(1), chunk, candidates, ws, steps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Rows of 16-byte vectors at 16-byte aligned addresses stream through bulk copies.
+template <typename T>
+void launch_candidates(const torch::Tensor& logits, int64_t chunk, int64_t slices, bool bulk, int candidates,
+                       bs::Workspace ws, const int64_t* steps) {
+  if (bulk) {
+    launch_candidates<T, true>(logits, chunk, slices, candidates, ws, steps);
+  } else {
+    launch_candidates<T, false>(logits, chunk, slices, candidates, ws, steps);
+  }
 }
 
 }  // namespace
@@ -72,9 +78,8 @@ void beam_step(torch::Tensor logits, torch::Tensor eos, torch::Tensor steps, tor
   const c10::cuda::CUDAGuard guard(logits.device());
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // each beam row in `slices` slices of `chunk` elements (a multiple of the vector width)
-  const int64_t width = 16 / logits.element_size();
-  const bool aligned = vocab % width == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
-  const int vec = aligned ? static_cast<int>(width) : 1;
+  const int64_t vec = 16 / logits.element_size();
+  const bool bulk = vocab % vec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
   const int64_t splits = splits_for(sms, rows, vocab, beams, candidates);
   const int64_t chunk = round_up((vocab + splits - 1) / splits, vec);
   const int64_t slices = (vocab + chunk - 1) / chunk;
@@ -87,9 +92,9 @@ void beam_step(torch::Tensor logits, torch::Tensor eos, torch::Tensor steps, tor
   const int c = static_cast<int>(candidates);
   const int64_t* steps_in = steps.data_ptr<int64_t>();
   switch (logits.scalar_type()) {
-    case torch::kFloat32: launch_candidates<float>(logits, chunk, slices, vec, c, ws, steps_in); break;
-    case torch::kBFloat16: launch_candidates<__nv_bfloat16>(logits, chunk, slices, vec, c, ws, steps_in); break;
-    case torch::kFloat16: launch_candidates<__half>(logits, chunk, slices, vec, c, ws, steps_in); break;
+    case torch::kFloat32: launch_candidates<float>(logits, chunk, slices, bulk, c, ws, steps_in); break;
+    case torch::kBFloat16: launch_candidates<__nv_bfloat16>(logits, chunk, slices, bulk, c, ws, steps_in); break;
+    case torch::kFloat16: launch_candidates<__half>(logits, chunk, slices, bulk, c, ws, steps_in); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
   bs::State st{eos.data_ptr<int64_t>(), static_cast<int>(eos.numel()), steps.data_ptr<int64_t>(),

@@ -17,14 +17,15 @@
 
 #include <cstdint>
 
+#include "bulk_copy.cuh"
 #include "rank_key.cuh"
 #include "vector_load.cuh"
 
 namespace xllm::beam {
 
 constexpr int kThreads = 256;
-constexpr int kCapacity = 4096;      // keys a block buffers (32 KiB)
-constexpr int kTile = 2048;          // elements a block reads between two threshold checks
+constexpr int kCapacity = 4096;      // keys a block ranks at once (32 KiB)
+constexpr int kMinSlice = 2048;      // the fewest elements of a slice worth a block
 constexpr int kMaxCandidates = 128;  // C = max(2, 1 + EOS ids) * beams
 constexpr int kMaxBeams = 32;
 constexpr float kNeg = -1.0e9f;      // transformers' score of a dead beam or an empty slot
@@ -166,12 +167,20 @@ __device__ uint64_t seed_floor(uint64_t mine, int c, Select& s) {
   return floor;
 }
 
+constexpr int kDirectRank = 128;  // up to this many keys, rank them all at once (no seed filter)
+
 // out[r] = the r-th largest of keys[0, *count) for r < c (*count read after a barrier, at most
-// kCapacity; zeros are not keys): filter by seed_floor, then rank by counting, or by a radix
-// select when many keys remain. keys and *count are overwritten.
+// kCapacity; zeros are not keys): up to kDirectRank keys rank by counting at once; more are
+// filtered by seed_floor first, then ranked by counting, or by a radix select when many remain.
+// keys and *count are overwritten.
 __device__ void select_top(uint64_t* keys, int* count, int c, uint64_t* out, Select& s) {
   constexpr int kPer = kCapacity / kThreads;
   const int n = *count;
+  if (n <= kDirectRank) {
+    rank_select(keys, n, c, out);
+    __syncthreads();
+    return;
+  }
   uint64_t mine[kPer], best = 0;
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
@@ -206,80 +215,231 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
   }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restrict__ logits, int64_t vocab, int64_t chunk,
-                                                               int c, Workspace ws, const int64_t* steps) {
-  __shared__ uint64_t buffer[kCapacity];
+// --- each warp's candidates while it streams (no block barrier in the streaming loop) ---
+
+// Append `key` where `take` to a warp's buffer of n keys (n is the same in every lane); every lane calls it.
+__device__ __forceinline__ void warp_append(uint64_t* buffer, int& n, bool take, uint64_t key) {
+  const unsigned mask = __ballot_sync(kFull, take);
+  if (take) buffer[n + __popc(mask & ((1u << (threadIdx.x % 32)) - 1))] = key;
+  n += __popc(mask);
+}
+
+// The key of rank `rank` (0: the largest) among the warp's 32 lanes' keys `mine` (distinct where
+// not 0); 0 when that rank falls on a lane without a key.
+__device__ __forceinline__ uint64_t warp_pick(uint64_t mine, int rank) {
+  int r = 0;
+#pragma unroll 8
+  for (int l = 0; l < 32; ++l) r += __shfl_sync(kFull, mine, l) > mine;
+  const unsigned at = __ballot_sync(kFull, r == rank && mine != 0);
+  return at ? __shfl_sync(kFull, mine, __ffs(at) - 1) : 0;
+}
+
+// The k-th largest of the warp's keys (lane l holds mine[], 0 for none; 1 <= k <= their number),
+// found bit by bit from the top: the largest probe that k keys reach.
+template <int N>
+__device__ uint64_t warp_kth_largest(const uint64_t (&mine)[N], int k) {
+  uint64_t kth = 0;
+  for (int bit = 63; bit >= 0; --bit) {
+    const uint64_t probe = kth | (uint64_t{1} << bit);
+    int n = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) n += mine[j] >= probe;
+    if (static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(n))) >= k) kth = probe;
+  }
+  return kth;
+}
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kWarpKeys = 256;    // each warp's key buffer
+constexpr int kStages = 4;        // bulk copies in flight per warp
+constexpr int kStageBytes = 2048; // one warp tile
+constexpr int kStreamBytes = kWarps * kStages * kStageBytes;  // candidates_kernel's dynamic shared memory
+
+struct WarpBuffer {
+  int n;              // keys buffered
+  int mark;           // the count above which the buffer is compacted
+  uint64_t floor_key; // keys at or below it cannot be among the warp's c best
+  float floor_value;  // its value (-inf while there is no floor)
+};
+
+// Shrink a warp's buffer of b.n keys (b.n > 2c) to fewer keys that still hold its c best; raise its
+// floor and mark. c < 32: keep the keys at or above the c-th largest of the lanes' bests (cheap, at
+// least c keys); when that leaves too many, or c >= 32, keep exactly the c largest.
+__device__ __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b, int c) {
+  int& n = b.n;
+  constexpr int kPer = kWarpKeys / 32;
+  const int lane = threadIdx.x % 32;
+  uint64_t mine[kPer], best = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int slot = lane + 32 * j;
+    mine[j] = slot < n ? buffer[slot] : 0;
+    best = max(best, mine[j]);
+  }
+  uint64_t keep = 0;
+  int kept = kWarpKeys;
+  if (c < 32) {
+    keep = warp_pick(best, c - 1);
+    int mine_kept = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) mine_kept += mine[j] >= keep;
+    kept = static_cast<int>(__reduce_add_sync(kFull, static_cast<unsigned>(mine_kept)));
+  }
+  if (kept > kWarpKeys / 2) keep = warp_kth_largest(mine, c);
+  __syncwarp();
+  n = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) warp_append(buffer, n, mine[j] >= keep, mine[j]);
+  __syncwarp();
+  b.floor_key = keep - 1;  // keep is itself a kept key; every later key above it is taken
+  b.floor_value = rank_value(keep);
+  b.mark = min(kWarpKeys - 32, n + c + 16);
+  return b;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x by the special-function unit (ex2.approx.ftz: within 2^-22 relatively; results below 2^-126 flush to 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One tile into the warp's online softmax (m, s: s a sum of exp(x - m)) and its buffer: this lane's
+// vectors v[g] hold the tile's elements (g * 32 + lane) * VEC + j, of which the first `len` are the
+// slice's (FULL: all of them), tile element 0 being row element `first`.
+// Each term is 2^(x log2 e - m log2 e) by one fma and ex2.approx: within 2^-22 plus the rounding of
+// m log2 e (|m| 2^-24, common to the warp's terms) and of the fma (2^-24 of the exponent), so for
+// logits |x| <= 100 the sum is within 1e-6 relatively and the log-softmax within 1e-6 absolutely.
+template <bool FULL, typename T, int VEC, int G>
+__device__ __forceinline__ void scan_tile(const Vec<T, VEC> (&v)[G], int len, int64_t first, float& m, float& s,
+                                          WarpBuffer& b, uint64_t* buffer, int c) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int e = (g * 32 + lane) * VEC;
+    float x[VEC];
+    float vmax = -kInf;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      x[j] = FULL || e + j < len ? to_float(v[g].v[j]) : -kInf;
+      vmax = fmaxf(vmax, x[j]);  // NaN is ignored here and caught by the sum
+    }
+    if (vmax > m) {
+      s *= expf(m - vmax);
+      m = vmax;
+    }
+    if (m != -kInf) {
+      const float shift = m * kLog2e;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += fast_exp2(fmaf(x[j], kLog2e, -shift));  // NaN stays NaN
+      s += sum;
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (x[j] != x[j]) s = x[j];  // a NaN marks the row (it then has no continuation)
+    }
+    // Elements of this group come after the floor's (in index order) when it lies in an earlier
+    // group: then a value equal to the floor's ranks below it.
+    const bool strict = b.floor_key && rank_index(b.floor_key) < first + g * 32 * VEC;
+    const bool maybe = strict ? vmax > b.floor_value : !(vmax < b.floor_value);
+    if (!__any_sync(kFull, maybe)) continue;  // once the floor has risen, most groups stop here
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (!__any_sync(kFull, maybe && !(x[j] < b.floor_value))) continue;
+      if (b.n > b.mark) b = compact(buffer, b, c);
+      const float value = x[j] + 0.f;  // + 0: -0 ranks as +0
+      const uint64_t key = rank_key(value == value ? value : -kInf, first + e + j);
+      warp_append(buffer, b.n, (FULL || e + j < len) && key > b.floor_key, key);
+    }
+  }
+}
+
+// Grid (slices, beam rows), kThreads threads, kStreamBytes of dynamic shared memory. Each warp
+// streams tiles warp, warp + kWarps, ... of its block's slice through kStages shared-memory
+// stages (BULK: bulk copies, rows 16-byte aligned and a whole number of 16-byte vectors;
+// otherwise the lanes copy element by element), keeps its online-softmax partial and the keys
+// above a rising floor in its own buffer; at the end the block ranks the warps' keys into the
+// slice's c best.
+template <typename T, bool BULK>
+__global__ void __launch_bounds__(kThreads, 2) candidates_kernel(const T* __restrict__ logits, int64_t vocab,
+                                                                  int64_t chunk, int c, Workspace ws, const int64_t* steps) {
+  constexpr int VEC = 16 / sizeof(T), kTileElems = kStageBytes / sizeof(T), kGroups = kTileElems / (32 * VEC);
+  extern __shared__ __align__(16) unsigned char stream_memory[];
+  __shared__ uint64_t keys[kWarps * kWarpKeys];
+  __shared__ uint64_t arrived[kWarps * kStages];
   __shared__ Select sel;
   __shared__ int count;
-  __shared__ float2 warp_partial[kThreads / 32];
+  __shared__ float2 warp_partial[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int64_t begin = split * chunk, end = min(begin + chunk, vocab);
+  const int64_t tiles = (end - begin + kTileElems - 1) / kTileElems;
   const T* x = logits + row * vocab;
+  T* stage = reinterpret_cast<T*>(stream_memory) + warp * kStages * kTileElems;
+  uint64_t* bar = arrived + warp * kStages;
+  auto fetch = [&](int64_t tile, int slot) {
+    const int64_t first = begin + tile * kTileElems;
+    const auto bytes = static_cast<uint32_t>(min(static_cast<int64_t>(kTileElems), end - first) * sizeof(T));
+    bulk_load(stage + slot * kTileElems, x + first, bytes, &bar[slot]);
+  };
   if (threadIdx.x == 0) {
     count = 0;
     if (row == 0 && split == 0) *ws.step = *steps;
   }
-  float m = -kInf, s = 0.f;
-  uint64_t floor_key = 0;  // keys at or below it cannot be among the slice's c best
-  constexpr int kLoads = kTile / (kThreads * VEC);
-  Vec<T, VEC> next[kLoads];
-#pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    const int64_t i = begin + (u * kThreads + threadIdx.x) * VEC;
-    if (i < end) next[u] = load<T, VEC>(x + i);
-  }
-  for (int64_t base = begin; base < end; base += kTile) {
-    __syncthreads();
-    if (count > kCapacity - kTile) floor_key = keep_largest(buffer, &count, c, sel);
-    Vec<T, VEC> v[kLoads];
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      v[u] = next[u];
-      const int64_t i = base + kTile + (u * kThreads + threadIdx.x) * VEC;
-      if (i < end) next[u] = load<T, VEC>(x + i);  // the next tile's loads fly during this tile's work
+  if constexpr (BULK) {
+    if (lane == 0) {
+      for (int slot = 0; slot < kStages; ++slot) init_barrier(&bar[slot]);
+      fence_barrier_init();
+      for (int slot = 0; slot < kStages && warp + slot * kWarps < tiles; ++slot) fetch(warp + slot * kWarps, slot);
     }
-    if (base == begin) {  // the first tile seeds the threshold: only keys above it are buffered
+    __syncwarp();
+  }
+  float m = -kInf, s = 0.f;
+  WarpBuffer b{0, min(kWarpKeys - 32, 2 * c + 16), 0, -kInf};
+  uint64_t* buffer = keys + warp * kWarpKeys;
+  for (int64_t k = 0, tile = warp; tile < tiles; ++k, tile += kWarps) {
+    const int slot = static_cast<int>(k % kStages);
+    T* data = stage + slot * kTileElems;
+    const int64_t first = begin + tile * kTileElems;
+    const int len = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
+    if constexpr (BULK) {
+      wait_barrier(&bar[slot], static_cast<uint32_t>(k / kStages) & 1);
+    } else {
+      __syncwarp();
+      for (int i = lane; i < len; i += 32) data[i] = x[first + i];
+      __syncwarp();
+    }
+    Vec<T, VEC> v[kGroups];
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) v[g] = *reinterpret_cast<const Vec<T, VEC>*>(data + (g * 32 + lane) * VEC);
+    if constexpr (BULK) {
+      __syncwarp();  // the stage is read: refill it with the warp's tile kStages ahead
+      if (lane == 0 && tile + kStages * kWarps < tiles) {
+        fence_proxy_async();
+        fetch(tile + kStages * kWarps, slot);
+      }
+    }
+    if (k == 0 && c < 32) {  // the first tile seeds the floor: the (c + 1)-th of the lanes' bests
       uint64_t best = 0;
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int64_t i = base + (u * kThreads + threadIdx.x) * VEC;
+      for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float value = to_float(v[u].v[j]) + 0.f;
-          if (i < end) best = max(best, rank_key(value == value ? value : -kInf, i + j));
+          const int e = (g * 32 + lane) * VEC + j;
+          const float value = to_float(v[g].v[j]) + 0.f;
+          if (e < len) best = max(best, rank_key(value == value ? value : -kInf, first + e));
         }
       }
-      floor_key = seed_floor(best, c, sel);
+      b.floor_key = warp_pick(best, c);
+      b.floor_value = b.floor_key ? rank_value(b.floor_key) : -kInf;
     }
-    const float floor_value = floor_key ? rank_value(floor_key) : -kInf;
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int64_t i = base + (u * kThreads + threadIdx.x) * VEC;
-      const bool inside = i < end;
-      float vmax = -kInf;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        if (inside) vmax = fmaxf(vmax, to_float(v[u].v[j]));
-      if (vmax > m) {
-        s *= expf(m - vmax);
-        m = vmax;
-      }
-      bool any = false;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float value = inside ? to_float(v[u].v[j]) : -kInf;
-        if (inside && m != -kInf) s += expf(value - m);
-        if (value != value) s = value;  // a NaN marks the row (it then has no continuation)
-        any |= inside && !(value < floor_value);
-      }
-      if (!__any_sync(kFull, any)) continue;  // once the threshold has risen, most vectors stop here
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float value = inside ? to_float(v[u].v[j]) + 0.f : -kInf;  // + 0: -0 ranks as +0
-        const uint64_t key = rank_key(value == value ? value : -kInf, i + j);
-        append(buffer, &count, inside && key > floor_key, key);
-      }
+    if (len == kTileElems) {
+      scan_tile<true>(v, len, first, m, s, b, buffer, c);
+    } else {
+      scan_tile<false>(v, len, first, m, s, b, buffer, c);
     }
   }
   // the slice's softmax partial
@@ -287,14 +447,23 @@ __global__ void __launch_bounds__(kThreads) candidates_kernel(const T* __restric
     const float m2 = __shfl_xor_sync(kFull, m, off), s2 = __shfl_xor_sync(kFull, s, off);
     combine(m, s, m2, s2);
   }
-  if (threadIdx.x % 32 == 0) warp_partial[threadIdx.x / 32] = make_float2(m, s);
+  if (lane == 0) warp_partial[warp] = make_float2(m, s);
+  // the warps' keys (each warp's cut by the lanes' bests first, when c < 32) into one list, then its c best
+  if (c < 32 && b.n > 2 * c) b = compact(buffer, b, c);
+  constexpr int kPer = kWarpKeys / 32;
+  uint64_t mine[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) mine[j] = lane + 32 * j < b.n ? buffer[lane + 32 * j] : 0;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) append(keys, &count, mine[j] != 0, mine[j]);
   __syncthreads();
   uint64_t* out = ws.keys + (row * splits + split) * c;
   for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;  // a slice of fewer than c elements
-  select_top(buffer, &count, c, out, sel);
+  select_top(keys, &count, c, out, sel);
   if (threadIdx.x == 0) {
     float bm = -kInf, bs = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) combine(bm, bs, warp_partial[w].x, warp_partial[w].y);
+    for (int w = 0; w < kWarps; ++w) combine(bm, bs, warp_partial[w].x, warp_partial[w].y);
     ws.partial[row * splits + split] = make_float2(bm, bs);
   }
 }

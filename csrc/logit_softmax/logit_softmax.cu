@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include "bulk_copy.cuh"
 #include "launch_helpers.cuh"
 #include "row_barrier.cuh"
 #include "vector_load.cuh"
@@ -203,34 +204,12 @@ __global__ void __launch_bounds__(kThreads) normalize(const T* __restrict__ logi
 
 
 using xllm::round_up;
+using xllm::bulk_load;
+using xllm::fence_barrier_init;
+using xllm::init_barrier;
+using xllm::wait_barrier;
 
 constexpr int kPieces = 4;  // a block's chunk arrives in this many bulk copies, each with its own barrier
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Copy `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory into this
-// block's shared memory with the bulk copy engine; `barrier` completes when they have arrived.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* barrier) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
-               : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   shared_address(dst)),
-               "l"(src), "r"(bytes), "r"(shared_address(barrier))
-               : "memory");
-}
-
-__device__ __forceinline__ void wait_barrier(uint64_t* barrier) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(shared_address(barrier))
-      : "memory");
-}
 
 // This thread's vectors of a chunk of n elements cut into pieces of `piece` elements: f(i)
 // for each vector start i, piece by piece; before each piece, arrive(p).
@@ -258,9 +237,9 @@ __device__ Stats cache_chunk(const T* __restrict__ x, int n, float c, T* cache, 
   if constexpr (BULK) {
     if (threadIdx.x == 0) {
       for (int p = 0; p < kPieces; ++p) {
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&arrived[p])) : "memory");
+        init_barrier(&arrived[p]);
       }
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      fence_barrier_init();
       for (int from = 0, p = 0; from < n; from += piece, ++p) {
         const int bytes = (min(from + piece, n) - from) * static_cast<int>(sizeof(T));
         bulk_load(cache + from, x + from, static_cast<uint32_t>(bytes), &arrived[p]);
