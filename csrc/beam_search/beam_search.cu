@@ -13,12 +13,13 @@ namespace {
 namespace bs = xllm::beam;
 using xllm::round_up;
 
-// Slices per beam row: enough blocks for the two per SM that fit, each slice at least
-// kMinSlice elements, and no more keys per request than the merge buffers.
+// Slices per beam row: as many as fit one wave of the two blocks per SM that fit (a second,
+// partial wave costs more than longer slices), each slice at least kMinSlice elements, and no
+// more keys per request than the merge buffers.
 int64_t splits_for(int sms, int64_t rows, int64_t vocab, int64_t beams, int64_t candidates) {
   const int64_t by_merge = bs::kCapacity / (beams * candidates);
   const int64_t by_length = (vocab + bs::kMinSlice - 1) / bs::kMinSlice;
-  const int64_t wanted = (2 * sms + rows - 1) / rows;
+  const int64_t wanted = 2 * sms / rows;
   return std::max<int64_t>(1, std::min({wanted, by_merge, by_length}));
 }
 
