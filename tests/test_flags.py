@@ -100,3 +100,24 @@ def test_malformed_flags_file_names_the_file(monkeypatch, tmp_path):
     path.write_text("samplerr = true\n")
     with pytest.raises(ValueError, match="unknown flag 'samplerr'"):
         flags.read_file(path)
+
+
+def test_environment_changes_take_effect_on_the_next_call(monkeypatch):
+    """The environment is read on every call (through the fast lookup): a value set, changed or
+    removed between two calls applies to the second; the name's own variable wins over an alias."""
+    assert flags.lookup("air_topk") == (True, "default")
+    monkeypatch.setenv("XLLM_USE_AIR_TOPK", "off")
+    assert flags.lookup("air_topk") == (False, "env:XLLM_USE_AIR_TOPK")
+    monkeypatch.setenv("XLLM_SAMPLING_AIR_TOPK", "on")
+    assert flags.lookup("air_topk") == (True, "env:XLLM_SAMPLING_AIR_TOPK")
+    monkeypatch.setenv("XLLM_SAMPLING_AIR_TOPK", "0")
+    assert flags.lookup("air_topk") == (False, "env:XLLM_SAMPLING_AIR_TOPK")
+    monkeypatch.delenv("XLLM_SAMPLING_AIR_TOPK")
+    monkeypatch.delenv("XLLM_USE_AIR_TOPK")
+    assert flags.lookup("air_topk") == (True, "default")
+
+
+def test_environment_without_cpython_internals_still_reads(monkeypatch):
+    """Where os.environ is a plain mapping (no encoded-key dict), flags read it the portable way."""
+    monkeypatch.setattr(flags.os, "environ", {"XLLM_SAMPLING_SAMPLER": "off"})
+    assert flags.lookup("sampler") == (False, "env:XLLM_SAMPLING_SAMPLER")
