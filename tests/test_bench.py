@@ -23,6 +23,23 @@ def test_op_bench_topk_variants_run(capsys):
     assert all(c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
 
 
+def test_host_bench_times_each_fast_path_back_to_back(capsys):
+    """--host: one row per (op, batch) with the fast path's wall time per call (device time on a GPU
+    only) and the text table's columns."""
+    assert run(["bench", "--host", "--ops", "logit_softmax", "beam_search", "--batch", "1", "2", "--vocab", "500",
+                "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["header"]["vocab"] == 500 and report["header"]["calls"] > 1
+    rows = report["host"]
+    assert [(r["op"], r["batch"]) for r in rows] == [("logit_softmax", 1), ("logit_softmax", 2), ("beam_search", 1),
+                                                     ("beam_search", 2)]
+    gpu = report["header"]["device"] == "cuda"
+    assert all(r["fast"]["wall_us"] > 0 and (r["fast"]["device_us"] is not None) == gpu for r in rows)
+    assert run(["bench", "--host", "--ops", "topk", "--vocab", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "overhead" in out and "topk" in out
+
+
 def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
     assert run(["bench", "--decode", "--batch", "2", "--vocab", "512", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["decode"]

@@ -3,11 +3,13 @@
 On a GPU every call is timed alone with CUDA events after the L2 cache is flushed and with the
 input rotated among copies, median of ``reps``; the measured device-to-device copy bandwidth
 gives each cell's floor (its compulsory bytes over that bandwidth). On CPU the figures are CPU
-figures (``time.perf_counter``), at smaller default sizes.
+figures (``time.perf_counter``), at smaller default sizes. :func:`host` times calls back to back
+instead, device time against wall time: what a user pays per call at small batches.
 """
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -178,6 +180,81 @@ def run(ops, batches, vocabs, dtype: torch.dtype, reps: int, progress: Callable[
                 cells.append(measure(op, batch, vocab, dtype, device, bandwidth, reps, fi, timer))
                 progress(f"[{len(cells)}/{total}] {op} B={batch} V={vocab}")
     return {"header": header, "cells": [asdict(c) for c in cells]}
+
+
+HOST_CALLS = 32  # back-to-back calls per host-overhead figure
+
+
+def _per_call(fn: Callable[[], object], device: str, hide_host: bool) -> float:
+    """Microseconds per call of HOST_CALLS back-to-back calls of ``fn`` (warm caches). ``hide_host``:
+    device time, the calls queued behind a spin kernel so that the host's launch work overlaps it;
+    otherwise wall time with one synchronisation at the end, which is the host's time per call
+    whenever the host is slower than the device."""
+    if device != "cuda":
+        start = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        return (time.perf_counter() - start) / HOST_CALLS * 1e6
+    torch.cuda.synchronize()
+    if hide_host:
+        torch.cuda._sleep(5_000_000)  # ~2.5 ms at Hopper clocks, more than the host needs to queue the calls
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(HOST_CALLS):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / HOST_CALLS
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / HOST_CALLS * 1e6
+
+
+def host(ops, batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
+    """Each op's fast path (and FlashInfer's matching call) called back to back: device and wall
+    microseconds per call, medians of ``reps`` rounds; the host's overhead is wall minus device."""
+    device = gate.device_kind()
+    fi = _flashinfer() if device == "cuda" else None
+    header = gate.environment() | {"vocab": vocab, "calls": HOST_CALLS,
+                                   "flashinfer": getattr(fi, "__version__", "not installed") if fi else "not installed"}
+    rows = []
+    for op in ops:
+        for batch in batches:
+            rows_ = batch * BEAM_VARIANTS.get(op, 1)
+            x = torch.randn(rows_, vocab, device=device) * 3
+            t = torch.full((rows_,), 0.8, device=device)
+            row = {"op": op, "batch": batch}
+            for name, fn in _implementations(op, fi).items():
+                if name == "original" or fn is None:
+                    continue
+                call = lambda fn=fn: fn(x, t)  # noqa: E731
+                call(), call()
+                device_us = statistics.median(_per_call(call, device, True) for _ in range(reps)) if device == "cuda" else None
+                wall_us = statistics.median(_per_call(call, device, False) for _ in range(reps))
+                row[name] = {"device_us": device_us, "wall_us": wall_us}
+            rows.append(row)
+            progress(f"[{len(rows)}/{len(ops) * len(batches)}] host overhead {op} B={batch}")
+    return {"header": header, "host": rows}
+
+
+def host_table(report: dict) -> str:
+    """The host-overhead report as a text table."""
+    h = report["header"]
+    lines = [f"# {h.get('gpu', 'CPU (wall time only)')}; torch {h['torch']}; V={h['vocab']}; {h['calls']} calls back to "
+             f"back, microseconds per call; overhead = wall - device; FlashInfer {h['flashinfer']}",
+             f"{'op':20} {'B':>4} {'device':>8} {'wall':>8} {'overhead':>9} {'FI device':>10} {'FI wall':>8}"]
+
+    def fmt(x, width):
+        return f"{'n/a':>{width}}" if x is None else f"{x:{width}.1f}"
+
+    for r in report["host"]:
+        fast, fi = r["fast"], r.get("flashinfer") or {}
+        over = None if fast["device_us"] is None else fast["wall_us"] - fast["device_us"]
+        lines.append(f"{r['op']:20} {r['batch']:4} {fmt(fast['device_us'], 8)} {fmt(fast['wall_us'], 8)} {fmt(over, 9)} "
+                     f"{fmt(fi.get('device_us'), 10)} {fmt(fi.get('wall_us'), 8)}")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:

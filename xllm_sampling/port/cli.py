@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true",
                    help="end to end instead: the reference engine's decode loop (TPOT, tokens/s) per flag configuration; "
                         "--batch default 1 16 64, --vocab its first value (default 151936 on a GPU, 32000 on CPU)")
+    p.add_argument("--host", action="store_true",
+                   help="the host's share instead: each op's fast path (and FlashInfer's call) called back to back, "
+                        "device against wall microseconds per call; --batch default 1, --vocab its first value")
     p.add_argument("--beam", action="store_true",
                    help="end to end instead: the reference engine's whole beam search (4 beams), flag beam_search on "
                         "against off, in tokens/s; --batch default 1 16 64, --vocab as for --decode")
@@ -164,6 +167,9 @@ def _bench(args, progress) -> dict:
     from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
+    if args.host:
+        vocab = (args.vocab or [151936 if gpu else 32000])[0]
+        return bench.host(args.ops, args.batch or [1], vocab, 5, progress)
     if args.decode or args.beam:
         from .. import bench_decode
 
@@ -251,7 +257,8 @@ def _output(args, result) -> None:
     elif args.command == "bench":
         from .. import bench, bench_decode
 
-        print(bench_decode.table(result) if "decode" in result else
+        print(bench.host_table(result) if "host" in result else
+              bench_decode.table(result) if "decode" in result else
               bench_decode.beam_table(result) if "beam" in result else bench.table(result))
     elif args.command == "flags":
         rows = result if isinstance(result, list) else [result]
