@@ -42,7 +42,9 @@ def test_host_bench_times_each_fast_path_back_to_back(capsys):
 
 def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
     assert run(["bench", "--decode", "--batch", "2", "--vocab", "512", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["decode"]
+    report = json.loads(capsys.readouterr().out)
+    assert report["header"]["preset"] == "tiny" and report["header"]["vocab"] == 512
+    rows = report["decode"]
     names = [r["config"] for r in rows]
     assert names[0] == "all off" and names[-1] == "all on"
     assert names[1:-1] == [f"{step} only" for step in ("logit_softmax", "air_topk", "sampler", "beam_search",
@@ -51,6 +53,11 @@ def test_decode_bench_has_all_off_each_flag_alone_and_all_on(capsys):
                for r in rows)
     assert run(["bench", "--decode", "--batch", "1", "--vocab", "512"]) == 0
     assert "all on" in capsys.readouterr().out
+
+
+def test_decode_bench_rejects_an_unknown_preset(capsys):
+    assert run(["bench", "--decode", "--preset", "huge"]) == 2
+    assert "--preset" in capsys.readouterr().err
 
 
 def test_op_bench_beam_widths_count_requests(capsys):

@@ -61,11 +61,14 @@ def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
             ("all on", {f: True for f in step_flags})]
 
 
-def run(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
-    """Time the decode loop for every configuration and batch size; header and rows."""
+def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], preset: str = "tiny") -> dict:
+    """Time the decode loop for every configuration and batch size; header and rows. ``preset``:
+    the reference model's size (engine.model.PRESETS); ``vocab`` None keeps the preset's."""
     device = gate.device_kind()
     with _engine_with_series() as (step_flags, (decode, model, sampling)):
-        engine = decode.Engine(model.Config(vocab=vocab, max_len=LONG + 16), device)
+        cfg = model.preset(preset, max_len=LONG + 16, **({"vocab": vocab} if vocab else {}))
+        vocab = cfg.vocab
+        engine = decode.Engine(cfg, device)
         configs = configurations(step_flags)
         rows = []
         for batch in batches:
@@ -85,17 +88,19 @@ def run(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict
                     tpot = statistics.median((generate(LONG) - generate(SHORT)) / (LONG - SHORT) for _ in range(reps))
                 rows.append({"config": name, "batch": batch, "tpot_ms": tpot * 1e3, "tokens_per_s": batch / tpot})
                 progress(f"[{len(rows)}/{len(batches) * len(configs)}] decode B={batch} {name}: {tpot * 1e3:.2f} ms")
-    return {"header": gate.environment() | {"vocab": vocab, "tokens": [SHORT, LONG]}, "decode": rows}
+    return {"header": gate.environment() | {"preset": preset, "vocab": vocab, "tokens": [SHORT, LONG]}, "decode": rows}
 
 
 BEAMS, BEAM_TOKENS = 4, 32  # beam width and new tokens of the timed searches (no EOS: every search runs 32 steps)
 
 
-def run_beam(batches, vocab: int, reps: int, progress: Callable[[str], None]) -> dict:
+def run_beam(batches, vocab: int | None, reps: int, progress: Callable[[str], None], preset: str = "tiny") -> dict:
     """Time whole beam searches (prefill included) with the beam_search flag off and on; header and rows."""
     device = gate.device_kind()
     with _engine_with_series() as (_, (decode, model, _sampling)):
-        engine = decode.Engine(model.Config(vocab=vocab, max_len=BEAM_TOKENS + 16), device)
+        cfg = model.preset(preset, max_len=BEAM_TOKENS + 16, **({"vocab": vocab} if vocab else {}))
+        vocab = cfg.vocab
+        engine = decode.Engine(cfg, device)
         rows = []
         for batch in batches:
             prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -115,14 +120,15 @@ def run_beam(batches, vocab: int, reps: int, progress: Callable[[str], None]) ->
                              "tokens_per_s": batch * BEAM_TOKENS / seconds})
                 progress(f"[{len(rows)}/{2 * len(batches)}] beam search B={batch} flag {'on' if on else 'off'}: "
                          f"{seconds * 1e3:.1f} ms")
-    return {"header": gate.environment() | {"vocab": vocab, "beams": BEAMS, "tokens": BEAM_TOKENS}, "beam": rows}
+    return {"header": gate.environment() | {"preset": preset, "vocab": vocab, "beams": BEAMS, "tokens": BEAM_TOKENS},
+            "beam": rows}
 
 
 def beam_table(report: dict) -> str:
     """Rows: batch sizes; columns: flag off and on, each 'ms per search (tokens/s)', and the speed-up."""
     h, rows = report["header"], report["beam"]
     cell = {(r["batch"], r["beam_search"]): r for r in rows}
-    lines = [f"# beam search ({h['beams']} beams, {h['tokens']} tokens), reference engine with the series, vocab "
+    lines = [f"# beam search ({h['beams']} beams, {h['tokens']} tokens), reference engine ({h['preset']}) with the series, vocab "
              f"{h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
              f"{'batch':>6} {'flag off: ms (tok/s)':>24} {'flag on: ms (tok/s)':>24} {'speed-up':>9}"]
     for batch in sorted({r["batch"] for r in rows}):
@@ -138,7 +144,7 @@ def table(report: dict) -> str:
     batches = sorted({r["batch"] for r in rows})
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["config"], r["batch"]): r for r in rows}
-    lines = [f"# decode, reference engine with the series, vocab {h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
+    lines = [f"# decode, reference engine ({h['preset']}) with the series, vocab {h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
              f"{'configuration':20}" + "".join(f"{f'B={b}: TPOT ms (tok/s)':>26}" for b in batches)]
     for name in configs:
         lines.append(f"{name:20}" + "".join(

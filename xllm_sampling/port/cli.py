@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true",
                    help="end to end instead: the reference engine's decode loop (TPOT, tokens/s) per flag configuration; "
                         "--batch default 1 16 64, --vocab its first value (default 151936 on a GPU, 32000 on CPU)")
+    p.add_argument("--preset", choices=("tiny", "0.5b"), default="tiny",
+                   help="--decode / --beam: the reference model's size (0.5b: 24 layers, width 896, 14 query heads on 2 "
+                        "key/value heads, vocab 151936, random weights); --vocab overrides its vocabulary")
     p.add_argument("--host", action="store_true",
                    help="the host's share instead: each op's fast path (and FlashInfer's call) called back to back, "
                         "device against wall microseconds per call; --batch default 1, --vocab its first value")
@@ -173,11 +176,11 @@ def _bench(args, progress) -> dict:
     if args.decode or args.beam:
         from .. import bench_decode
 
-        vocab = (args.vocab or [151936 if gpu else 32000])[0]
+        vocab = (args.vocab or [None if args.preset != "tiny" else 151936 if gpu else 32000])[0]
         batches = args.batch or ([1, 16, 64] if gpu else [1, 16])
         if args.beam:
-            return bench_decode.run_beam(batches, vocab, 3 if gpu else 2, progress)
-        return bench_decode.run(batches, vocab, 3 if gpu else 2, progress)
+            return bench_decode.run_beam(batches, vocab, 3 if gpu else 2, progress, args.preset)
+        return bench_decode.run(batches, vocab, 3 if gpu else 2, progress, args.preset)
     batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
