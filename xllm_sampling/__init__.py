@@ -9,6 +9,9 @@ The six steps, in the order the series applies them:
 5. :class:`GraphRunner` - CUDA-graph capture of the sampling step;
 6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default).
 
+In progress, not yet a step of the series: :func:`rejection_sample`, speculative decoding's
+rejection sampler (torch reference and ``torch.compile`` levels).
+
 See :mod:`xllm_sampling.flags` for turning each one on or off at runtime. The ops (and torch)
 are imported on first use, so that ``xllm-port --help`` or ``flags`` start at once, and
 importing the package never imports the porting driver's GitPython or pytest.
@@ -27,6 +30,8 @@ _EXPORTS = {
     "beam_search_step": "beam_search",
     "BeamSearchState": "beam_search",
     "GraphRunner": "cuda_graph",
+    "rejection_sample": "spec_decode",
+    "SpecDecodeOutput": "spec_decode",
 }
 __all__ = ["flags", *_EXPORTS]
 
