@@ -1,10 +1,16 @@
 """End to end (``xllm-port bench --decode`` and ``--beam``): the reference engine with the whole
-series applied, its decode loop timed per step (TPOT) and in tokens/s at several batch sizes, with
-every flag off, each step's flag on alone, and every flag on; and its whole beam search with the
-``beam_search`` flag on against off.
+series applied, and its whole beam search with the ``beam_search`` flag on against off.
 
-TPOT is the slope between a short and a long generation, so the prefill drops out; each figure
-is the median of ``reps`` pairs, wall clock with the device synchronised (host time included).
+The decode protocol, per batch size and per configuration (every flag off, then the series' steps
+switched on one more at a time, in series order, up to every flag on), ``reps`` (>= 3) runs of:
+  * prefill: the model's forward over the prompts (8 tokens each) alone;
+  * TTFT: a whole generation of one token (cache, prefill, first sampling step);
+  * total: a whole generation of LONG tokens; tokens/s = batch x LONG / total;
+  * TPOT: (total - TTFT) / (LONG - 1), the decode steps alone;
+  * sampling: the engine's sampling step alone on the prefill's logits, and its share of TPOT;
+  * peak GPU memory of the long generation.
+Each figure is the median of the runs, wall clock with the device synchronised (host time
+included); TPOT's spread (largest minus smallest run) is reported beside it.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from . import flags, gate
 from .paths import SERIES_DIR
 from .port import demo, series
 
-SHORT, LONG = 4, 36  # generated tokens of the two timed runs
+LONG = 36  # generated tokens of the long run
 
 
 def _is_engine(module: str) -> bool:
@@ -55,14 +61,46 @@ def _engine_with_series():
 
 
 def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
-    """(name, flag values): all off, each step's flag on alone, all on."""
-    off = {f: False for f in step_flags}
-    return [("all off", off), *((f"{f} only", off | {f: True}) for f in step_flags),
-            ("all on", {f: True for f in step_flags})]
+    """(name, flag values): all off, then the steps switched on cumulatively in series order."""
+    configs = [("all off", {f: False for f in step_flags})]
+    for i, flag in enumerate(step_flags):
+        on = set(step_flags[:i + 1])
+        name = "all on" if i == len(step_flags) - 1 else f"+ {flag}"
+        configs.append((name, {f: f in on for f in step_flags}))
+    return configs
+
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    """Wall milliseconds of fn(), the device synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _one_run(engine, model, prompts, params, device: str) -> dict:
+    """One run of the protocol (module docstring): milliseconds, and the peak memory in MiB."""
+    cache = model.KVCache(engine.cfg, prompts.shape[0], device)
+    dev_prompts = prompts.to(device)
+    logits = []
+    prefill = _timed(lambda: logits.append(engine.model(dev_prompts, cache)), device)
+    generator = torch.Generator(device).manual_seed(0)
+    sampling = statistics.median(_timed(lambda: engine.sample_step(logits[0], params, generator), device)
+                                 for _ in range(5))
+    ttft = _timed(lambda: engine.generate(prompts, 1, params), device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = _timed(lambda: engine.generate(prompts, LONG, params), device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+    return {"prefill_ms": prefill, "sampling_ms": sampling, "ttft_ms": ttft, "total_ms": total,
+            "tpot_ms": (total - ttft) / (LONG - 1), "peak_mib": peak}
 
 
 def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], preset: str = "tiny") -> dict:
-    """Time the decode loop for every configuration and batch size; header and rows. ``preset``:
+    """The decode protocol for every configuration and batch size; header and rows. ``preset``:
     the reference model's size (engine.model.PRESETS); ``vocab`` None keeps the preset's."""
     device = gate.device_kind()
     with _engine_with_series() as (step_flags, (decode, model, sampling)):
@@ -74,21 +112,22 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
         for batch in batches:
             prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
             params = sampling.SamplingParams(torch.full((batch,), 0.8), 50, 0.9, seed=torch.arange(batch))
-
-            def generate(n):
-                start = time.perf_counter()
-                engine.generate(prompts, n, params)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - start
-
+            params.position = torch.full((batch,), 8, dtype=torch.int64)
             for name, values in configs:
                 with flags.override(**values):
-                    generate(SHORT), generate(LONG)  # warm up: kernels built, graphs captured
-                    tpot = statistics.median((generate(LONG) - generate(SHORT)) / (LONG - SHORT) for _ in range(reps))
-                rows.append({"config": name, "batch": batch, "tpot_ms": tpot * 1e3, "tokens_per_s": batch / tpot})
-                progress(f"[{len(rows)}/{len(batches) * len(configs)}] decode B={batch} {name}: {tpot * 1e3:.2f} ms")
-    return {"header": gate.environment() | {"preset": preset, "vocab": vocab, "tokens": [SHORT, LONG]}, "decode": rows}
+                    engine.generate(prompts, LONG, params)  # warm up: kernels built, graphs captured
+                    runs = [_one_run(engine, model, prompts, params, device) for _ in range(reps)]
+                row = {key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
+                       for key in runs[0]}
+                tpots = [r["tpot_ms"] for r in runs]
+                row.update(config=name, batch=batch, tpot_spread_ms=max(tpots) - min(tpots),
+                           tokens_per_s=batch * LONG / (row["total_ms"] * 1e-3),
+                           sampling_share=row["sampling_ms"] / row["tpot_ms"])
+                rows.append(row)
+                progress(f"[{len(rows)}/{len(batches) * len(configs)}] decode B={batch} {name}: "
+                         f"TPOT {row['tpot_ms']:.2f} ms")
+    return {"header": gate.environment() | {"preset": preset, "vocab": vocab, "tokens": LONG, "prompt": 8, "runs": reps},
+            "decode": rows}
 
 
 BEAMS, BEAM_TOKENS = 4, 32  # beam width and new tokens of the timed searches (no EOS: every search runs 32 steps)
@@ -139,14 +178,15 @@ def beam_table(report: dict) -> str:
 
 
 def table(report: dict) -> str:
-    """Rows: configurations; columns: batch sizes, each 'TPOT ms (tokens/s)'."""
-    h, rows = report["header"], report["decode"]
-    batches = sorted({r["batch"] for r in rows})
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    cell = {(r["config"], r["batch"]): r for r in rows}
-    lines = [f"# decode, reference engine ({h['preset']}) with the series, vocab {h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
-             f"{'configuration':20}" + "".join(f"{f'B={b}: TPOT ms (tok/s)':>26}" for b in batches)]
-    for name in configs:
-        lines.append(f"{name:20}" + "".join(
-            f"{cell[name, b]['tpot_ms']:>12.3f} ({cell[name, b]['tokens_per_s']:9.0f})" for b in batches))
+    """One line per (batch, configuration): the protocol's medians and TPOT's spread."""
+    h = report["header"]
+    lines = [f"# decode, reference engine ({h['preset']}) with the series, vocab {h['vocab']}, prompt {h['prompt']}, "
+             f"{h['tokens']} new tokens, median of {h['runs']} runs; {h.get('gpu', 'CPU')}; torch {h['torch']}",
+             f"{'B':>4} {'configuration':16} {'TTFT ms':>8} {'prefill':>8} {'TPOT ms (spread)':>18} {'total ms':>9} "
+             f"{'tok/s':>9} {'peak MiB':>9} {'sampling':>9}"]
+    for r in report["decode"]:
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"{r['batch']:>4} {r['config']:16} {r['ttft_ms']:8.2f} {r['prefill_ms']:8.2f} "
+                     f"{r['tpot_ms']:9.3f} ({r['tpot_spread_ms']:5.3f}) {r['total_ms']:9.1f} {r['tokens_per_s']:9.0f} "
+                     f"{peak:>9} {100 * r['sampling_share']:8.1f}%")
     return "\n".join(lines)

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--plot", type=Path, help="write a PNG: time against batch per implementation")
     p.add_argument("--decode", action="store_true",
-                   help="end to end instead: the reference engine's decode loop (TPOT, tokens/s) per flag configuration; "
+                   help="end to end instead: the reference engine's decode loop (TTFT, prefill, TPOT, total, tokens/s, peak "
+                        "memory, the sampling step's share) with the steps switched on one more at a time; "
                         "--batch default 1 16 64, --vocab its first value (default 151936 on a GPU, 32000 on CPU)")
     p.add_argument("--preset", choices=("tiny", "0.5b"), default="tiny",
                    help="--decode / --beam: the reference model's size (0.5b: 24 layers, width 896, 14 query heads on 2 "
@@ -180,7 +181,7 @@ def _bench(args, progress) -> dict:
         batches = args.batch or ([1, 16, 64] if gpu else [1, 16])
         if args.beam:
             return bench_decode.run_beam(batches, vocab, 3 if gpu else 2, progress, args.preset)
-        return bench_decode.run(batches, vocab, 3 if gpu else 2, progress, args.preset)
+        return bench_decode.run(batches, vocab, 3, progress, args.preset)
     batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
