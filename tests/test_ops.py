@@ -71,6 +71,8 @@ def test_philox_kernel_matches_torch_bit_for_bit():
     (lambda: xs.BeamSearchState.start(2, 4, 3, 9, early_stopping="sometimes"), "early_stopping: expected True, False"),
     (lambda: xs.sample(torch.randn(2, 4), seed=2 ** 70), "seed: .* does not fit in int64"),
     (lambda: xs.sample(torch.randn(2, 4), top_k=2.5), "top_k: expected an integer, got 2.5"),
+    (lambda: xs.sample(torch.randn(2, 4), position=float("inf")), "position: expected an integer, got inf"),
+    (lambda: xs.sample(torch.randn(2, 4), seed=-2 ** 63 - 1), "seed: .* does not fit in int64"),
     (lambda: xs.logit_softmax(torch.randn(2, 4), "1.0"), "temperature: expected a number or a tensor, got str"),
     (lambda: xs.BeamSearchState.start(2, 0, 3, 9), "num_beams: expected an int >= 1"),
 ])

@@ -36,12 +36,19 @@ def per_row(name: str, value, batch: int, device: torch.device, dtype: torch.dty
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
     if not dtype.is_floating_point:
-        if not float(value).is_integer():
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        if not -(2 ** 63) <= value < 2 ** 63:
-            raise ValueError(f"{name}: {value} does not fit in int64 [-2**63, 2**63)")
-        value = int(value)
+        value = int64(name, value)
     return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def int64(name: str, value) -> int:
+    """A Python number (not a bool) that is an integer fitting int64, as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise ValueError(f"{name}: {value} does not fit in int64 [-2**63, 2**63)")
+    return int(value)
 
 
 def values_in(name: str, t: torch.Tensor | None, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:

@@ -88,7 +88,7 @@ def _param(name: str, value, logits: torch.Tensor):
             raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
         _checks.number_in(name, value, lo, hi)
         if dtype == torch.int64:
-            return int(_checks.per_row(name, value, 1, torch.device("cpu"), dtype))
+            return _checks.int64(name, value)
         if lo_open and value == lo:
             raise ValueError(f"{name}: value {value} outside ({lo}, {hi}]")
         return float(value)
