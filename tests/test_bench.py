@@ -40,6 +40,24 @@ def test_host_bench_times_each_fast_path_back_to_back(capsys):
     assert "overhead" in out and "topk" in out
 
 
+def test_spec_bench_times_each_level_against_k(capsys):
+    """--spec: one row per (batch, K) with each level's time per call; FlashInfer n/a without it;
+    launch counts only on a GPU; a K below 1 is a usage error."""
+    assert run(["bench", "--spec", "--levels", "loop", "flashinfer", "--k", "1", "3", "--batch", "2", "--vocab", "300",
+                "--reps", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["levels"] == ["loop", "flashinfer"] and report["header"]["vocab"] == 300
+    assert [(r["batch"], r["k"]) for r in report["spec"]] == [(2, 1), (2, 3)]
+    gpu = report["header"]["device"] == "cuda"
+    for r in report["spec"]:
+        assert r["loop"]["us"] > 0 and (r["loop"]["launches"] is not None) == gpu
+        assert gpu or r["flashinfer"] is None
+    assert run(["bench", "--spec", "--levels", "loop", "--k", "2", "--batch", "1", "--vocab", "300", "--reps", "2"]) == 0
+    assert "rejection sampling" in capsys.readouterr().out
+    assert run(["bench", "--spec", "--k", "0"]) == 2
+    assert "--k" in capsys.readouterr().err
+
+
 def test_decode_bench_switches_the_steps_on_cumulatively(capsys):
     """--decode: all off, then one more step on at a time in series order, up to all on; every
     figure of the protocol, medians of three runs, consistent with each other."""

@@ -64,7 +64,7 @@ def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
 
 def _position(i: int, logits, drafts, draft_probs, num_draft, temperature, top_k, top_p, min_p, seed, position,
-              active):
+              active, uniform):
     """Position i of every request: (token emitted at i or -1, accepted at i, stops at i)."""
     row = logits[:, i]
     q = target_probs(row, temperature, top_k, top_p, min_p)
@@ -78,27 +78,30 @@ def _position(i: int, logits, drafts, draft_probs, num_draft, temperature, top_k
     else:
         p = draft_probs[:, i].double()
     counter = position + i
-    u = rng.uniform_torch(seed, counter, ACCEPT_STREAM)
+    u = uniform(seed, counter, ACCEPT_STREAM)
     passes = torch.where(greedy, x == argmax, u * p.gather(-1, x[:, None]).squeeze(-1) < q.gather(-1, x[:, None]).squeeze(-1))
     accept = active & is_draft & ~invalid & passes
     stop = active & ~accept
     residual = torch.where(is_draft[:, None], (q - p).clamp(min=0), q)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, q)  # rounding left no mass: the target itself
     residual = torch.nan_to_num(residual, nan=0.0)
-    drawn = _first_above(residual, rng.uniform_torch(seed, counter, DRAW_STREAM) * residual.sum(-1))
+    drawn = _first_above(residual, uniform(seed, counter, DRAW_STREAM) * residual.sum(-1))
     drawn = torch.where(greedy, argmax, drawn)
     drawn = torch.where(invalid, -1, drawn)
     token = torch.where(accept, x, torch.where(stop, drawn, -1))
     return token, accept, stop
 
 
-def _loop(logits, drafts, draft_probs, num_draft, temperature, top_k, top_p, min_p, seed, position):
+def _loop(logits, drafts, draft_probs, num_draft, temperature, top_k, top_p, min_p, seed, position,
+          uniform=rng.uniform):
+    """The K + 1 positions in turn; ``uniform``: the generator's entry (rng.uniform: one launch on a
+    GPU; its pure-torch form rng.uniform_torch, the same bits, for torch.compile)."""
     batch, rows = logits.shape[:2]
     active = torch.ones(batch, dtype=torch.bool, device=logits.device)
     tokens, emitted = [], torch.zeros(batch, dtype=torch.int64, device=logits.device)
     for i in range(rows):
         token, accept, stop = _position(i, logits, drafts, draft_probs, num_draft, temperature, top_k, top_p, min_p,
-                                        seed, position, active)
+                                        seed, position, active, uniform)
         tokens.append(token)
         emitted += (accept | stop).long()
         active = accept
@@ -107,7 +110,7 @@ def _loop(logits, drafts, draft_probs, num_draft, temperature, top_k, top_p, min
 
 @functools.cache
 def _compiled():
-    return torch.compile(_loop, dynamic=False)
+    return torch.compile(functools.partial(_loop, uniform=rng.uniform_torch), dynamic=False)
 
 
 def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, *, draft_probs=None, num_draft=None,

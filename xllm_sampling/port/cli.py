@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("tiny", "0.5b"), default="tiny",
                    help="--decode / --beam: the reference model's size (0.5b: 24 layers, width 896, 14 query heads on 2 "
                         "key/value heads, vocab 151936, random weights); --vocab overrides its vocabulary")
+    p.add_argument("--spec", action="store_true",
+                   help="speculative decoding's rejection sampler instead: each level (--levels) against K (--k), "
+                        "us per call host included and kernel launches; --batch default 1 16 64 (1 4 on CPU), --vocab "
+                        "its first value; --plot draws time against K")
+    p.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8], help="--spec: draft tokens per request")
+    p.add_argument("--levels", nargs="+", choices=("loop", "compiled", "flashinfer"),
+                   default=["loop", "compiled", "flashinfer"], help="--spec: the levels timed")
     p.add_argument("--host", action="store_true",
                    help="the host's share instead: each op's fast path (and FlashInfer's call) called back to back, "
                         "device against wall microseconds per call; --batch default 1, --vocab its first value")
@@ -171,6 +178,21 @@ def _bench(args, progress) -> dict:
     from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
+    if args.spec:
+        from .. import bench_spec
+
+        if any(k < 1 for k in args.k):
+            raise UsageError("--k: draft tokens per request must be >= 1")
+        vocab = (args.vocab or [151936 if gpu else 32000])[0]
+        report = bench_spec.run(args.k, args.batch or ([1, 16, 64] if gpu else [1, 4]), vocab, min(args.reps, 20),
+                                args.levels, progress)
+        if args.plot:
+            try:
+                bench_spec.plot(report, str(args.plot))
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install 'xllm-sampling[plot]'") from None
+            progress(f"plot written to {args.plot}")
+        return report
     if args.host:
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
         return bench.host(args.ops, args.batch or [1], vocab, 5, progress)
@@ -261,7 +283,10 @@ def _output(args, result) -> None:
     elif args.command == "bench":
         from .. import bench, bench_decode
 
-        print(bench.host_table(result) if "host" in result else
+        from .. import bench_spec
+
+        print(bench_spec.table(result) if "spec" in result else
+              bench.host_table(result) if "host" in result else
               bench_decode.table(result) if "decode" in result else
               bench_decode.beam_table(result) if "beam" in result else bench.table(result))
     elif args.command == "flags":
