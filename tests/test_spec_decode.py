@@ -170,3 +170,21 @@ def test_bad_input_names_the_argument():
         args = dict(target_logits=logits, draft_token_ids=drafts) | change
         with pytest.raises(ValueError, match=name):
             xs.rejection_sample(args.pop("target_logits"), args.pop("draft_token_ids"), **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("level", ["loop", "compiled"])
+def test_a_gpu_emits_the_cpus_tokens(level):
+    """The same requests on the GPU emit the CPU's tokens (counter-based random numbers: the GPU's
+    generator kernel gives the CPU's bits)."""
+    g = torch.Generator().manual_seed(8)
+    batch, k, vocab = 16, 4, 2000
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
+    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g) * 3, -1)
+    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+    kw = dict(num_draft=torch.randint(0, k + 1, (batch,), generator=g), seed=torch.arange(batch), position=3,
+              temperature=torch.rand(batch, generator=g) + 0.3, top_k=100, top_p=0.9)
+    cpu = xs.rejection_sample(logits, drafts, draft_probs=probs, level=level, **kw)
+    gpu = xs.rejection_sample(logits.cuda(), drafts.cuda(), draft_probs=probs.cuda(), level=level,
+                              **{name: v.cuda() if isinstance(v, torch.Tensor) else v for name, v in kw.items()})
+    assert torch.equal(cpu.tokens, gpu.tokens.cpu()) and torch.equal(cpu.emitted, gpu.emitted.cpu())

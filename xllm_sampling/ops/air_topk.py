@@ -156,8 +156,28 @@ def _say_large_k_uses_torch() -> None:
     log.debug("xllm_sampling: air_topk with k > %d uses torch.topk", KERNEL_MAX_K)
 
 
-def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, largest: bool = True,
-                      cached_output: bool = False, index_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_row_k(x: torch.Tensor, k: torch.Tensor, max_k, largest: bool, sorted_by_value: bool):
+    """air_topk_last_dim with a (batch,) tensor ``k``: the top ``max_k`` sorted by value, each row
+    cut after its own k (a row's top k is a prefix of its sorted top max_k), padded with index -1
+    and value -inf (+inf for the smallest); unsorted: the kept entries by ascending index first."""
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= x.shape[-1]:
+        raise ValueError(f"max_k: with a per-row k, an int in [1, {x.shape[-1]}] (the output's width) is required, "
+                         f"got {max_k!r}")
+    k = _checks.per_row("k", k, x.shape[0], x.device, torch.int64)
+    _checks.values_in("k", k, 1, max_k, lo_open=False, hi_open=False)
+    values, indices = air_topk_last_dim(x, max_k, largest=largest)
+    keep = torch.arange(max_k, device=x.device) < k[:, None]
+    values = torch.where(keep, values, float("-inf") if largest else float("inf"))
+    indices = torch.where(keep, indices, -1)
+    if not sorted_by_value:
+        order = torch.where(keep, indices, x.shape[-1]).sort(dim=-1, stable=True).indices
+        values, indices = values.gather(-1, order), indices.gather(-1, order)
+    return values, indices
+
+
+def air_topk_last_dim(x: torch.Tensor, k: int | torch.Tensor, *, sorted_by_value: bool = True, largest: bool = True,
+                      cached_output: bool = False, index_order: bool = False,
+                      max_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, int64 indices) over the last dim of a (batch, vocab) tensor.
 
     ``sorted_by_value=True`` (default): values in descending order (ascending with
@@ -172,9 +192,18 @@ def air_topk_last_dim(x: torch.Tensor, k: int, *, sorted_by_value: bool = True, 
     a NaN, not necessarily with the input's payload; k > 1024 uses ``torch.topk``.
     ``cached_output=True`` returns the cached output pair for (device, batch, k, dtype): it is
     overwritten by the next cached call with the same key, so copy it if it must outlive that.
+    Per-row k: ``k`` a (batch,) integer tensor with values in [1, ``max_k``] (values on a GPU
+    tensor are not checked) and ``max_k`` the output's width: each row holds its own top k, then
+    index -1 and value -inf (+inf with ``largest=False``); sorted by value, or with
+    ``sorted_by_value=False`` in ascending index order; not with ``cached_output``.
     Flag ``air_topk`` off: ``torch.topk``.
     """
     _checks.logits_2d("x", x)
+    if isinstance(k, torch.Tensor):
+        if cached_output:
+            raise ValueError("cached_output: not available with a per-row k")
+        with nvtx.range("air_topk"):
+            return _per_row_k(x, k, max_k, largest, sorted_by_value)
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k: expected an int, got {type(k).__name__}")
     vocab = x.shape[-1]
