@@ -147,6 +147,28 @@ def test_graph_replay_equals_eager_bit_for_bit(batch):
 
 
 @pytest.mark.cuda
+def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call():
+    """Step flags toggled while graphs exist: the next call runs the new path (a graph captured for
+    it), toggling back replays the first graph; each result equals eager under the same flags."""
+    def step(logits):
+        return xs.air_topk_last_dim(xs.logit_softmax(logits, 0.8), 50)
+
+    runner = GraphRunner(step)
+    x = torch.randn(8, 32000, device="cuda") * 3
+    for on in (True, False, True, False):
+        with flags.override(logit_softmax=on, air_topk=on):
+            (graphed_values, graphed_indices), (values, indices) = runner(x), step(x)
+        assert torch.equal(graphed_values, values) and torch.equal(graphed_indices, indices)
+    assert runner.captures == 2 and runner.replays == 4
+
+
+def test_path_state_follows_every_step_flag_but_graphs_and_nvtx():
+    assert flags.path_flags() == ("logit_softmax", "air_topk", "sampler", "beam_search")
+    with flags.override(logit_softmax=True, air_topk=True, sampler=False, beam_search=True, nvtx=True):
+        assert flags.path_state() == (True, True, False, True)
+
+
+@pytest.mark.cuda
 def test_graph_capture_failure_falls_back_with_one_warning():
     def step(x):
         return x[x > 0].sum(-1, keepdim=True).expand(x.shape[0], 1) + x.nonzero().shape[0]  # syncs: not capturable

@@ -69,6 +69,7 @@ def _load_definitions() -> dict[str, FlagDef]:
 
 
 DEFINITIONS: dict[str, FlagDef] = _load_definitions()
+_PATH_FLAGS = tuple(d.name for d in DEFINITIONS.values() if d.type == "bool" and d.step not in ("cuda_graph", "nvtx"))
 _code_values: dict[str, Any] = {}
 _MISSING = object()
 _lock = threading.Lock()
@@ -269,6 +270,18 @@ def override(**values: Any) -> Iterator[None]:
                 else:
                     _code_values[name] = old
 
+
+
+def path_flags() -> tuple[str, ...]:
+    """The flags that choose which code an op runs (every step's on/off switch but ``cuda_graph``
+    itself and ``nvtx``, whose ranges are host-side): a captured CUDA graph holds the path these
+    chose when it was captured."""
+    return _PATH_FLAGS
+
+
+def path_state() -> tuple:
+    """The current values of :func:`path_flags`, read as every flag is (a change applies at once)."""
+    return tuple(get(name) for name in _PATH_FLAGS)
 
 
 def snapshot() -> dict[str, Any]:

@@ -5,7 +5,9 @@ device, with the ``cuda_graph`` flag on, a batch is padded up to its bucket; the
 a bucket captures a graph, later calls copy the inputs into the graph's static inputs and
 replay it. It runs eagerly on CPU, for batches above ``cuda_graph_max_batch``, with the flag
 off, and after a capture failure (one warning per bucket, and the step is run eagerly, so no
-token is lost). Capture is logged at INFO, replay at DEBUG, by the logger ``xllm_sampling.cuda_graph``.
+token is lost). Graphs are keyed by the step flags' values as well (``flags.path_state``): a
+flag toggled while graphs exist takes effect at the next call, through a graph captured for it.
+Capture is logged at INFO, replay at DEBUG, by the logger ``xllm_sampling.cuda_graph``.
 """
 from __future__ import annotations
 
@@ -69,7 +71,9 @@ class GraphRunner:
         if not (flags.enabled("cuda_graph") and inputs[0].is_cuda and bucket is not None):
             self.eager_calls += 1
             return self.fn(*inputs)
-        key = (bucket,) + tuple((t.shape[1:], t.dtype, t.device) for t in inputs)
+        # A graph replays the code path the flags chose at its capture: toggling a step's flag
+        # selects (or captures) another graph, and toggling it back replays the first again.
+        key = (bucket, flags.path_state()) + tuple((t.shape[1:], t.dtype, t.device) for t in inputs)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, inputs)
         captured = self._graphs[key]
