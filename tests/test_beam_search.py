@@ -60,6 +60,19 @@ def assert_choices_carry_their_scores(state, step, logits, previous_scores):
     assert all(len(set(row)) == len(row) for row in pairs)
 
 
+def assert_kernel_step_equals_torch_step(torch_state, logits, step):
+    """One step of the kernel from a copy of ``torch_state`` and of the torch step on it (which
+    advances it): the states agree (low-precision logits: by scores, see assert_states_equal)."""
+    kernel_state, previous = clone(torch_state), torch_state.running_scores.clone()
+    xs.beam_search_step(logits, kernel_state)
+    with flags.override(beam_search=False):
+        xs.beam_search_step(logits, torch_state)
+    ties = logits.dtype != torch.float32
+    assert_states_equal(kernel_state, torch_state, step, ties)
+    if ties:
+        assert_choices_carry_their_scores(kernel_state, step, logits, previous)
+
+
 def random_logits(rows, vocab, device, eos, dtype):
     x = torch.randn(rows, vocab, device=device) * 3
     for e in eos:
@@ -82,14 +95,7 @@ def test_kernel_steps_equal_torch_steps(batch, beams, vocab, eos, dtype, early_s
     torch_state = xs.BeamSearchState.start(batch, beams, 3, 9, eos, length_penalty, early_stopping, device="cuda")
     for step in range(6):
         logits = random_logits(batch * beams, vocab, "cuda", eos, dtype)
-        kernel_state, previous = clone(torch_state), torch_state.running_scores.clone()
-        xs.beam_search_step(logits, kernel_state)
-        with flags.override(beam_search=False):
-            xs.beam_search_step(logits, torch_state)
-        ties = dtype != torch.float32
-        assert_states_equal(kernel_state, torch_state, step, ties)
-        if ties:
-            assert_choices_carry_their_scores(kernel_state, step, logits, previous)
+        assert_kernel_step_equals_torch_step(torch_state, logits, step)
 
 
 @pytest.mark.cuda
@@ -106,14 +112,7 @@ def test_kernel_keeps_the_best_of_sorted_rows(order, beams, dtype):
     torch_state = xs.BeamSearchState.start(batch, beams, 3, 9, eos, 1.0, False, device="cuda")
     for step in range(2):
         logits = rows.to(dtype)
-        kernel_state, previous = clone(torch_state), torch_state.running_scores.clone()
-        xs.beam_search_step(logits, kernel_state)
-        with flags.override(beam_search=False):
-            xs.beam_search_step(logits, torch_state)
-        ties = dtype != torch.float32
-        assert_states_equal(kernel_state, torch_state, step, ties)
-        if ties:
-            assert_choices_carry_their_scores(kernel_state, step, logits, previous)
+        assert_kernel_step_equals_torch_step(torch_state, logits, step)
 
 
 @pytest.mark.cuda

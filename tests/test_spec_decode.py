@@ -36,6 +36,13 @@ def scenario(k=3, vocab=8, seed=0):
     return logits.expand(TRIALS, k + 1, vocab), draft, drafts
 
 
+def random_requests(g, batch, k, vocab, logit_scale=2.0, prob_scale=1.0):
+    """Per request: target logits (k + 1 rows), draft distributions (k rows) and drafts sampled from them."""
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * logit_scale
+    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g) * prob_scale, -1)
+    return logits, probs, torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+
+
 SETTINGS = dict(temperature=0.9, top_k=6, top_p=0.9, min_p=0.02)
 
 
@@ -106,9 +113,7 @@ def test_variable_k_padding_and_batch_invariance():
     """Requests with 0 to K drafts in one batch emit what each emits alone with K = its own count."""
     g = torch.Generator().manual_seed(9)
     batch, k, vocab = 6, 3, 30
-    logits = torch.randn(batch, k + 1, vocab, generator=g) * 2
-    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1)
-    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+    logits, probs, drafts = random_requests(g, batch, k, vocab)
     n = torch.tensor([0, 1, 3, 2, 3, 1])
     drafts[1, 1:] = -1  # padding after a request's drafts is ignored
     seeds = torch.arange(100, 100 + batch)
@@ -143,9 +148,7 @@ def test_compiled_level_gives_the_loops_tokens():
     """level="compiled" (torch.compile of the same positions) emits the loop's tokens for the same seeds."""
     g = torch.Generator().manual_seed(4)
     batch, k, vocab = 8, 2, 50
-    logits = torch.randn(batch, k + 1, vocab, generator=g) * 2
-    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1)
-    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+    logits, probs, drafts = random_requests(g, batch, k, vocab)
     kw = dict(draft_probs=probs, num_draft=torch.tensor([2, 1, 0, 2, 2, 1, 2, 0]), seed=torch.arange(batch),
               temperature=torch.tensor([0.0, 0.5, 1.0, 1.3, 0.8, 0.0, 1.0, 0.7]), top_k=10, top_p=0.95)
     loop = xs.rejection_sample(logits, drafts, level="loop", **kw)
@@ -179,9 +182,7 @@ def test_a_gpu_emits_the_cpus_tokens(level):
     generator kernel gives the CPU's bits)."""
     g = torch.Generator().manual_seed(8)
     batch, k, vocab = 16, 4, 2000
-    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
-    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g) * 3, -1)
-    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+    logits, probs, drafts = random_requests(g, batch, k, vocab, 3.0, 3.0)
     kw = dict(num_draft=torch.randint(0, k + 1, (batch,), generator=g), seed=torch.arange(batch), position=3,
               temperature=torch.rand(batch, generator=g) + 0.3, top_k=100, top_p=0.9)
     cpu = xs.rejection_sample(logits, drafts, draft_probs=probs, level=level, **kw)

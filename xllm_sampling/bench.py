@@ -190,13 +190,10 @@ def _per_call(fn: Callable[[], object], device: str, hide_host: bool) -> float:
     device time, the calls queued behind a spin kernel so that the host's launch work overlaps it;
     otherwise wall time with one synchronisation at the end, which is the host's time per call
     whenever the host is slower than the device."""
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(HOST_CALLS):
-            fn()
-        return (time.perf_counter() - start) / HOST_CALLS * 1e6
-    torch.cuda.synchronize()
-    if hide_host:
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    if cuda and hide_host:
         torch.cuda._sleep(5_000_000)  # ~2.5 ms at Hopper clocks, more than the host needs to queue the calls
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -208,7 +205,8 @@ def _per_call(fn: Callable[[], object], device: str, hide_host: bool) -> float:
     start = time.perf_counter()
     for _ in range(HOST_CALLS):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / HOST_CALLS * 1e6
 
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _checks, rng
-from .sampler import _first_above, _invalid_rows, _ranked_keep, _rows
+from .sampler import _RANGES, _first_above, _invalid_rows, _param, _ranked_keep, _rows
 
 ACCEPT_STREAM = 64  # the sampler's draws use streams 0..31
 DRAW_STREAM = 65
@@ -136,26 +136,13 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
     if drafts.device.type == "cpu" and bool(((drafts < 0) | (drafts >= vocab))[
             torch.arange(rows - 1) < n[:, None]].any()):
         raise ValueError(f"draft_token_ids: a draft id outside [0, {vocab}) among the first num_draft of a request")
-    settings = [_rows(_setting(name, value, batch, device, dtype, default, lo, hi, lo_open), batch, device, dtype)
-                for name, value, dtype, default, lo, hi, lo_open in (
-                    ("temperature", temperature, torch.float32, 1.0, 0.0, float("inf"), False),
-                    ("top_k", top_k, torch.int64, 0, 0, float("inf"), False),
-                    ("top_p", top_p, torch.float32, 1.0, 0.0, 1.0, True),
-                    ("min_p", min_p, torch.float32, 0.0, 0.0, 1.0, False),
-                    ("seed", seed, torch.int64, 0, -float("inf"), float("inf"), False),
-                    ("position", position, torch.int64, 0, -float("inf"), float("inf"), False))]
+    rows_of = target_logits[:, 0]  # the sampler's checks of a setting, against one row per request
+    settings = [_rows(_param(name, value, rows_of), batch, device, _RANGES[name][0]) for name, value in (
+        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
+        ("position", position))]
     run = _compiled() if level == "compiled" else _loop
     tokens, emitted = run(target_logits, drafts, draft_probs, n, *settings)
     return SpecDecodeOutput(tokens, emitted)
-
-
-def _setting(name, value, batch, device, dtype, default, lo, hi, lo_open):
-    """A per-request setting checked like the sampler's: a number or a (batch,) tensor on ``device``."""
-    if value is None:
-        return default
-    t = _checks.per_row(name, value, batch, device, dtype)
-    _checks.values_in(name, t, lo, hi, lo_open=lo_open, hi_open=False)
-    return t
 
 
 def _check_shapes(target_logits, draft_token_ids, draft_probs) -> tuple[int, int, int]:

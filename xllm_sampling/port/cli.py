@@ -186,13 +186,7 @@ def _bench(args, progress) -> dict:
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
         report = bench_spec.run(args.k, args.batch or ([1, 16, 64] if gpu else [1, 4]), vocab, min(args.reps, 20),
                                 args.levels, progress)
-        if args.plot:
-            try:
-                bench_spec.plot(report, str(args.plot))
-            except ImportError:
-                raise UsageError("--plot needs matplotlib: pip install 'xllm-sampling[plot]'") from None
-            progress(f"plot written to {args.plot}")
-        return report
+        return _plotted(bench_spec.plot, report, args.plot, progress)
     if args.host:
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
         return bench.host(args.ops, args.batch or [1], vocab, 5, progress)
@@ -207,12 +201,17 @@ def _bench(args, progress) -> dict:
     batches = args.batch or ([1, 16, 64, 256] if gpu else [1, 16])
     vocabs = args.vocab or ([32000, 128256, 151936] if gpu else [32000])
     report = bench.run(args.ops, batches, vocabs, getattr(torch, args.dtype), args.reps, progress)
-    if args.plot:
+    return _plotted(bench.plot, report, args.plot, progress)
+
+
+def _plotted(plot, report: dict, path, progress) -> dict:
+    """``report``, after ``plot(report, path)`` drew it when a --plot path was given."""
+    if path:
         try:
-            bench.plot(report, str(args.plot))
+            plot(report, str(path))
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'xllm-sampling[plot]'") from None
-        progress(f"plot written to {args.plot}")
+        progress(f"plot written to {path}")
     return report
 
 
