@@ -48,6 +48,15 @@ inline cudaLaunchAttribute cooperative() {
   return a;
 }
 
+// Programmatic dependent launch: the kernel may start before the one ahead of it on the stream
+// has finished, and waits for it where it calls xllm::wait_for_prerequisite() (dependent_launch.cuh).
+inline cudaLaunchAttribute programmatic() {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
+}
+
 // Thread-block clusters of `blocks` blocks along x.
 inline cudaLaunchAttribute cluster_of(unsigned blocks) {
   cudaLaunchAttribute a = {};

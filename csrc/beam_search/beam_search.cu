@@ -104,9 +104,9 @@ void beam_step(torch::Tensor logits, torch::Tensor eos, torch::Tensor steps, tor
                pool_parent.data_ptr<int64_t>(), pool_token.data_ptr<int64_t>(), improvable.data_ptr<bool>(),
                all_hit.data_ptr<bool>(), static_cast<int>(beams), c, prompt_len, max_length,
                length_penalty, static_cast<int>(early_stopping)};
-  bs::update_kernel<<<static_cast<unsigned>(batch), bs::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      vocab, static_cast<int>(slices), ws, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // launched while candidates_kernel runs: it reads the state, then waits for the candidates
+  xllm::launch_with(xllm::programmatic(), bs::update_kernel, dim3(static_cast<unsigned>(batch)), dim3(bs::kThreads), 0,
+                    vocab, static_cast<int>(slices), ws, st);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

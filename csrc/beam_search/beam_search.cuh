@@ -8,7 +8,9 @@
 //   update_kernel      grid (requests): merges its beams' slices into log-probabilities plus the
 //                      beam scores, ranks the C best continuations (ties: lower beam * vocab +
 //                      token first) and applies transformers' running-beam, finished-pool and
-//                      early-stop rules to the state in place.
+//                      early-stop rules to the state in place. It is launched as a programmatic
+//                      dependent: its blocks start (and read the state) while candidates_kernel
+//                      runs, then wait for it, so no launch gap lies between the two.
 // The beams x vocab log-probabilities are never written: only C keys per slice.
 #pragma once
 
@@ -18,6 +20,7 @@
 #include <cstdint>
 
 #include "bulk_copy.cuh"
+#include "dependent_launch.cuh"
 #include "rank_key.cuh"
 #include "vector_load.cuh"
 
@@ -308,7 +311,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 // One tile into the warp's online softmax (m, s: s a sum of exp(x - m)) and its buffer: this lane's
 // vectors v[g] hold the tile's elements (g * 32 + lane) * VEC + j, of which the first `len` are the
-// slice's (FULL: all of them), tile element 0 being row element `first`.
+// slice's (FULL: all of them), tile element 0 being row element `first`. The tile's max moves m
+// once, then its G x VEC terms are independent (the loop is bound by instruction latency, so the
+// work is laid out for parallelism within each lane).
 // Each term is 2^(x log2 e - m log2 e) by one fma and ex2.approx: within 2^-22 plus the rounding of
 // m log2 e (|m| 2^-24, common to the warp's terms) and of the fma (2^-24 of the exponent), so for
 // logits |x| <= 100 the sum is within 1e-6 relatively and the log-softmax within 1e-6 absolutely.
@@ -316,44 +321,74 @@ template <bool FULL, typename T, int VEC, int G>
 __device__ __forceinline__ void scan_tile(const Vec<T, VEC> (&v)[G], int len, int64_t first, float& m, float& s,
                                           WarpBuffer& b, uint64_t* buffer, int c) {
   const int lane = threadIdx.x % 32;
+  float x[G][VEC], group_max[G];
+  float tile_max = -kInf;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const int e = (g * 32 + lane) * VEC;
-    float x[VEC];
-    float vmax = -kInf;
+    group_max[g] = -kInf;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      x[j] = FULL || e + j < len ? to_float(v[g].v[j]) : -kInf;
-      vmax = fmaxf(vmax, x[j]);  // NaN is ignored here and caught by the sum
+      x[g][j] = FULL || (g * 32 + lane) * VEC + j < len ? to_float(v[g].v[j]) : -kInf;
+      group_max[g] = fmaxf(group_max[g], x[g][j]);  // NaN is ignored here and caught by the sum
     }
-    if (vmax > m) {
-      s *= expf(m - vmax);
-      m = vmax;
-    }
-    if (m != -kInf) {
-      const float shift = m * kLog2e;
-      float sum = 0.f;
+    tile_max = fmaxf(tile_max, group_max[g]);
+  }
+  if (tile_max > m) {
+    s *= expf(m - tile_max);
+    m = tile_max;
+  }
+  if (m != -kInf) {
+    const float shift = m * kLog2e;
+    float part[G];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum += fast_exp2(fmaf(x[j], kLog2e, -shift));  // NaN stays NaN
-      s += sum;
-    } else {
+    for (int g = 0; g < G; ++g) {
+      part[g] = 0.f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) part[g] += fast_exp2(fmaf(x[g][j], kLog2e, -shift));  // NaN stays NaN
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) s += part[g];
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        if (x[j] != x[j]) s = x[j];  // a NaN marks the row (it then has no continuation)
-    }
-    // Elements of this group come after the floor's (in index order) when it lies in an earlier
-    // group: then a value equal to the floor's ranks below it.
+        if (x[g][j] != x[g][j]) s = x[g][j];  // a NaN marks the row (it then has no continuation)
+  }
+  // Elements of a group come after the floor's (in index order) when it lies in an earlier
+  // group: then a value equal to the floor's ranks below it.
+  bool maybe[G], any = false;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
     const bool strict = b.floor_key && rank_index(b.floor_key) < first + g * 32 * VEC;
-    const bool maybe = strict ? vmax > b.floor_value : !(vmax < b.floor_value);
-    if (!__any_sync(kFull, maybe)) continue;  // once the floor has risen, most groups stop here
+    maybe[g] = strict ? group_max[g] > b.floor_value : !(group_max[g] < b.floor_value);
+    any |= maybe[g];
+  }
+  if (!__any_sync(kFull, any)) return;  // once the floor has risen, most tiles stop here
+  // Each lane's elements at or above the floor's value, as bits g * VEC + j; the warp appends one
+  // of each lane's per round (usually one round, not one per element), the key deciding exactly.
+  static_assert(G * VEC <= 32, "a tile's elements per lane fit a 32-bit mask");
+  unsigned pending = 0;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (!__any_sync(kFull, maybe && !(x[j] < b.floor_value))) continue;
-      if (b.n > b.mark) b = compact(buffer, b, c);
-      const float value = x[j] + 0.f;  // + 0: -0 ranks as +0
-      const uint64_t key = rank_key(value == value ? value : -kInf, first + e + j);
-      warp_append(buffer, b.n, (FULL || e + j < len) && key > b.floor_key, key);
+      const bool inside = FULL || (g * 32 + lane) * VEC + j < len;
+      pending |= static_cast<unsigned>(maybe[g] && inside && !(x[g][j] < b.floor_value)) << (g * VEC + j);
     }
+  }
+  while (__any_sync(kFull, pending)) {
+    const int i = __ffs(pending) - 1;  // -1: this lane has none left
+    pending &= pending - 1;
+    float value = -kInf;
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) value = i == g * VEC + j ? x[g][j] : value;  // no local-memory indexing
+    if (b.n > b.mark) b = compact(buffer, b, c);
+    value += 0.f;  // -0 ranks as +0
+    const uint64_t key = rank_key(value == value ? value : -kInf, first + (i / VEC * 32 + lane) * VEC + i % VEC);
+    warp_append(buffer, b.n, i >= 0 && key > b.floor_key, key);
   }
 }
 
@@ -385,6 +420,7 @@ __global__ void __launch_bounds__(kThreads, 2) candidates_kernel(const T* __rest
     const auto bytes = static_cast<uint32_t>(min(static_cast<int64_t>(kTileElems), end - first) * sizeof(T));
     bulk_load(stage + slot * kTileElems, x + first, bytes, &bar[slot]);
   };
+  xllm::launch_dependents();  // update_kernel's blocks may take free room now; they wait for this grid
   if (threadIdx.x == 0) {
     count = 0;
     if (row == 0 && split == 0) *ws.step = *steps;
@@ -503,13 +539,32 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   __shared__ Candidate cand[kMaxCandidates];
   __shared__ PoolEntry merged[kMaxBeams + kMaxCandidates];
   __shared__ bool pool_full, improvable;
+  __shared__ float divisor[2];  // (generated length) ** length_penalty: this step's, the early-stop heuristic's
   const int b = blockIdx.x, W = st.beams, C = st.candidates;
+  // 0. the state before this step (not written by candidates_kernel: read while it may still run)
+  if (threadIdx.x < W) {
+    const int64_t slot = static_cast<int64_t>(b) * W + threadIdx.x;
+    merged[threadIdx.x] = {st.pool_scores[slot], st.pool_finished[slot], st.pool_step[slot], st.pool_parent[slot],
+                           st.pool_token[slot]};
+    beam_score[threadIdx.x] = st.running_scores[slot];
+  }
+  if (threadIdx.x == 0) improvable = st.improvable[b];
+  xllm::wait_for_prerequisite();
+  // 1. the slices' raw keys (loaded alongside the step), each beam's log-softmax shift (NaN: a NaN
+  // logit or only -inf, no continuation) and the length penalties' divisors, all at once
   const int64_t step = *ws.step, n_new = st.max_length - st.prompt_len;
+  const int per_beam = splits * C, n = W * per_beam;
+  for (int i = threadIdx.x; i < n; i += kThreads) keys[i] = ws.keys[static_cast<int64_t>(b) * n + i];
   if (step >= n_new) return;  // at max_length already: nothing to advance
   const int64_t cur_len = st.prompt_len + step;
-  // 1. each beam's log-softmax shift (NaN: a NaN logit or only -inf, no continuation)
-  const int per_beam = splits * C, n = W * per_beam;
   const int lane = threadIdx.x % 32;
+  if (threadIdx.x == kThreads - 1) {  // this step's hypotheses: the generated length including the EOS
+    divisor[0] = static_cast<float>(pow(static_cast<double>(cur_len + 1 - st.prompt_len), st.length_penalty));
+  } else if (threadIdx.x == kThreads - 33) {  // the early-stop heuristic's best possible length (another warp)
+    const bool never = st.early_stopping == 2 && st.length_penalty > 0.0;
+    const int64_t best_length = (never ? st.max_length : cur_len + 1) - st.prompt_len;
+    divisor[1] = static_cast<float>(pow(static_cast<double>(best_length), st.length_penalty));
+  }
   for (int beam = threadIdx.x / 32; beam < W; beam += kThreads / 32) {  // a warp per beam: its slices' partials
     const int64_t row = static_cast<int64_t>(b) * W + beam;
     float m = -kInf, s = 0.f;
@@ -522,18 +577,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
       const bool dead = m == -kInf || s != s;
       beam_max[beam] = dead ? __int_as_float(0x7fc00000) : m;
       beam_log_sum[beam] = logf(s);
-      beam_score[beam] = st.running_scores[row];
     }
   }
-  if (threadIdx.x < W) {  // the pool before this step
-    const int64_t slot = static_cast<int64_t>(b) * W + threadIdx.x;
-    merged[threadIdx.x] = {st.pool_scores[slot], st.pool_finished[slot], st.pool_step[slot], st.pool_parent[slot],
-                           st.pool_token[slot]};
-  }
-  if (threadIdx.x == 0) {
-    count = n;
-    improvable = st.improvable[b];
-  }
+  if (threadIdx.x == 0) count = n;
   __syncthreads();
   if (threadIdx.x == 0) {
     bool full = true;
@@ -543,7 +589,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   // 2. every slice's keys rescored as cumulative log-probabilities: ((x - max) - log(sum)) + score
   for (int i = threadIdx.x; i < n; i += kThreads) {
     const int beam = i / per_beam;
-    const uint64_t raw = ws.keys[(static_cast<int64_t>(b) * W + beam) * per_beam + i % per_beam];
+    const uint64_t raw = keys[i];
     const float m = beam_max[beam];
     const float score = m == m ? ((rank_value(raw) - m) - beam_log_sum[beam]) + beam_score[beam] : -kInf;
     keys[i] = raw ? rank_key(score, beam * vocab + rank_index(raw)) : 0;
@@ -574,7 +620,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
     }
     // 5. the finished pool's candidate: hits ranked inside the top W, unless the request is done
     const bool just = cand[c].hit && c < W;
-    float s = cand[c].score / static_cast<float>(pow(static_cast<double>(cur_len + 1 - st.prompt_len), st.length_penalty));
+    float s = cand[c].score / divisor[0];
     s += (pool_full ? 1.f : 0.f) * kNeg;
     s += (improvable ? 0.f : 1.f) * kNeg;
     s += (just ? 0.f : 1.f) * kNeg;
@@ -601,12 +647,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   }
   // 6. the early-stop heuristic at the new length, and whether every continuation hit
   if (threadIdx.x == 0) {
-    const bool never = st.early_stopping == 2 && st.length_penalty > 0.0;
-    const int64_t best_length = (never ? st.max_length : cur_len + 1) - st.prompt_len;
     float best_running = cand[0].running;
     for (int c = 1; c < C; ++c) best_running = fmaxf(best_running, cand[c].running);
     // the new running beam 0 is the best running value (first by rank on ties)
-    const float best = best_running / static_cast<float>(pow(static_cast<double>(best_length), st.length_penalty));
+    const float best = best_running / divisor[1];
     float worst = kInf;
     for (int w = 0; w < W; ++w) worst = fminf(worst, merged[w].score);
     bool any = false, all_hit = true;
