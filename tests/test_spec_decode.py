@@ -189,3 +189,61 @@ def test_a_gpu_emits_the_cpus_tokens(level):
     gpu = xs.rejection_sample(logits.cuda(), drafts.cuda(), draft_probs=probs.cuda(), level=level,
                               **{name: v.cuda() if isinstance(v, torch.Tensor) else v for name, v in kw.items()})
     assert torch.equal(cpu.tokens, gpu.tokens.cpu()) and torch.equal(cpu.emitted, gpu.emitted.cpu())
+
+
+KERNEL_CASES = [(1, 1, 32000, True), (16, 4, 151936, True), (5, 8, 1000, False), (7, 3, 4099, True), (3, 2, 50257, False)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,k,vocab,with_probs", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_emits_the_loops_tokens(batch, k, vocab, with_probs, dtype):
+    """level="kernel" against the loop on the same GPU inputs: greedy and sampled rows, variable K,
+    draft distributions given or one-hot, a dead row (float64 sums in another order: a token at a
+    rounding boundary, probability ~1e-15 per draw, is the only way they could differ)."""
+    g = torch.Generator().manual_seed(batch * k + vocab)
+    logits = (torch.randn(batch, k + 1, vocab, generator=g) * 3).to(dtype)
+    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g) * 3, -1)
+    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, k)
+    drafts[0, 0] = logits[0, 0].float().argmax()
+    if batch > 2:
+        logits[2, min(1, k)] = float("nan")
+    temperature = torch.where(torch.arange(batch) % 3 == 0, 0.0, torch.rand(batch, generator=g) + 0.3)
+    kw = dict(num_draft=torch.randint(0, k + 1, (batch,), generator=g).cuda(), seed=torch.arange(batch).cuda(),
+              position=torch.full((batch,), 11).cuda(), temperature=temperature.cuda(),
+              draft_probs=probs.cuda() if with_probs else None)
+    loop = xs.rejection_sample(logits.cuda(), drafts.cuda(), level="loop", **kw)
+    kernel = xs.rejection_sample(logits.cuda(), drafts.cuda(), level="kernel", **kw)
+    assert torch.equal(kernel.tokens, loop.tokens) and torch.equal(kernel.emitted, loop.emitted)
+
+
+@pytest.mark.cuda
+def test_kernel_is_one_launch_and_replays_from_a_graph():
+    """One kernel launch whatever K; captured in a CUDA graph and replayed, it gives eager's tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(2)
+    for k in (1, 8):
+        logits = (torch.randn(4, k + 1, 5000, generator=g) * 3).cuda()
+        drafts = torch.randint(0, 5000, (4, k), generator=g).cuda()
+        args = dict(seed=torch.arange(4).cuda(), position=torch.zeros(4, dtype=torch.int64).cuda(), level="kernel")
+        eager = xs.rejection_sample(logits, drafts, **args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            xs.rejection_sample(logits, drafts, **args)
+            torch.cuda.synchronize()
+        assert [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and "rejection" in e.name].__len__() == 1
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = xs.rejection_sample(logits, drafts, **args)
+        graph.replay()
+        assert torch.equal(out.tokens, eager.tokens) and torch.equal(out.emitted, eager.emitted)
+
+
+def test_kernel_level_needs_a_gpu_and_no_filters():
+    logits, drafts = torch.randn(2, 3, 10), torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="level: 'kernel' takes a temperature only"):
+        xs.rejection_sample(logits, drafts, level="kernel", top_k=5)
+    with pytest.raises(ValueError, match="level: 'kernel' needs CUDA tensors"):
+        xs.rejection_sample(logits, drafts, level="kernel")

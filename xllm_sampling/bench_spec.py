@@ -2,7 +2,7 @@
 
 For K draft tokens per request, batch B and vocabulary V: the target's logits (B, K + 1, V), the
 draft's distributions (B, K, V) and draft tokens sampled from them; temperature 1, no filters (the
-settings FlashInfer's call has). Levels: ``loop`` and ``compiled`` (``rejection_sample``'s), and
+settings FlashInfer's call has). Levels: ``loop``, ``compiled`` and ``kernel`` (``rejection_sample``'s), and
 FlashInfer's ``chain_speculative_sampling`` when it imports, timed with the softmax that turns the
 target's logits into the probabilities it takes. Each call is timed whole, host included (a loop
 over K pays its launches), median of ``reps``; on a GPU the torch profiler also counts the kernel
@@ -18,7 +18,7 @@ import torch
 from . import gate
 from .ops.spec_decode import rejection_sample
 
-LEVELS = ("loop", "compiled", "flashinfer")
+LEVELS = ("loop", "compiled", "kernel", "flashinfer")
 
 
 def _inputs(batch: int, k: int, vocab: int, device: str):
@@ -36,6 +36,8 @@ def _call(level: str, fi, logits, probs, drafts) -> Callable[[], object] | None:
         if fi is None:
             return None
         return lambda: fi.sampling.chain_speculative_sampling(probs, drafts.int(), torch.softmax(logits, -1))
+    if level == "kernel" and not logits.is_cuda:
+        return None
     return lambda: rejection_sample(logits, drafts, draft_probs=probs, seed=seed, level=level)
 
 

@@ -23,7 +23,8 @@ Levels (``level=``): "loop", a torch loop over the K + 1 positions (the referenc
 graph with no graph break (``torch._dynamo.explain``, torch 2.14, CPU: 1 graph, 0 breaks); inductor
 fuses the elementwise work of every position (softmax, filters' masks, Philox's integer rounds,
 the acceptance test), while each row's sort, cumulative sums and ``searchsorted`` stay library
-calls. A CUDA kernel (one launch for the whole batch) is the third level, still to come.
+calls; "kernel", ``csrc/spec_decode/`` on a GPU: one launch for the whole batch, no host
+synchronisation, temperature only (the filters stay with the torch levels).
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _checks, rng
+from .. import _checks, kernels, rng
 from .sampler import _RANGES, _first_above, _invalid_rows, _param, _ranked_keep, _rows
 
 ACCEPT_STREAM = 64  # the sampler's draws use streams 0..31
 DRAW_STREAM = 65
-LEVELS = ("loop", "compiled")
+LEVELS = ("loop", "compiled", "kernel")
 
 
 class SpecDecodeOutput(NamedTuple):
@@ -140,8 +141,27 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
     settings = [_rows(_param(name, value, rows_of), batch, device, _RANGES[name][0]) for name, value in (
         ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
         ("position", position))]
+    if level == "kernel":
+        return _kernel(target_logits, drafts, draft_probs, n, (top_k, top_p, min_p), settings[0], *settings[4:])
     run = _compiled() if level == "compiled" else _loop
     tokens, emitted = run(target_logits, drafts, draft_probs, n, *settings)
+    return SpecDecodeOutput(tokens, emitted)
+
+
+def _kernel(logits, drafts, draft_probs, n, filters, temperature, seed, position) -> SpecDecodeOutput:
+    """level="kernel": one launch of csrc/spec_decode/ (temperature only: ``filters`` must be unset)."""
+    unset = [v is None or (not isinstance(v, torch.Tensor) and v == off) for v, off in zip(filters, (0, 1.0, 0.0))]
+    if not all(unset):
+        raise ValueError("level: 'kernel' takes a temperature only; top_k, top_p and min_p need 'loop' or 'compiled'")
+    kernel = kernels.load("spec_decode") if logits.is_cuda else None
+    if kernel is None:
+        raise ValueError("level: 'kernel' needs CUDA tensors and a built extension; use 'loop' or 'compiled'")
+    batch, rows = logits.shape[:2]
+    tokens = torch.empty(batch, rows, dtype=torch.int64, device=logits.device)
+    emitted = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    kernel.rejection_sample(logits.contiguous(), drafts.contiguous(),
+                            None if draft_probs is None else draft_probs.float().contiguous(), n.contiguous(),
+                            temperature.contiguous(), 1.0, seed.contiguous(), position.contiguous(), tokens, emitted)
     return SpecDecodeOutput(tokens, emitted)
 
 

@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                         "us per call host included and kernel launches; --batch default 1 16 64 (1 4 on CPU), --vocab "
                         "its first value; --plot draws time against K")
     p.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8], help="--spec: draft tokens per request")
-    p.add_argument("--levels", nargs="+", choices=("loop", "compiled", "flashinfer"),
-                   default=["loop", "compiled", "flashinfer"], help="--spec: the levels timed")
+    p.add_argument("--levels", nargs="+", choices=("loop", "compiled", "kernel", "flashinfer"),
+                   default=["loop", "compiled", "kernel", "flashinfer"], help="--spec: the levels timed")
     p.add_argument("--host", action="store_true",
                    help="the host's share instead: each op's fast path (and FlashInfer's call) called back to back, "
                         "device against wall microseconds per call; --batch default 1, --vocab its first value")
