@@ -65,7 +65,7 @@ def test_decode_bench_switches_the_steps_on_cumulatively(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["header"]["preset"] == "tiny" and report["header"]["vocab"] == 512 and report["header"]["runs"] == 3
     rows = report["decode"]
-    steps = ("logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx")
+    steps = ("logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx", "spec_decode")
     assert [r["config"] for r in rows] == ["all off", *(f"+ {s}" for s in steps[:-1]), "all on"]
     long = report["header"]["tokens"]
     for r in rows:
@@ -102,6 +102,22 @@ def test_beam_bench_times_whole_searches_flag_off_and_on(capsys):
                for r in rows)
     assert run(["bench", "--beam", "--batch", "1", "--vocab", "512"]) == 0
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_speculative_bench_times_plain_and_speculative_generation(capsys):
+    """--speculative: plain decoding, then each K with the flag off and on; tokens/s from the time,
+    the share of drafts accepted in [0, 1] and the same for both flag values (same tokens)."""
+    assert run(["bench", "--speculative", "--batch", "1", "--k", "1", "3", "--vocab", "512", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["speculative"]
+    assert [(r["mode"], r["k"], r["spec_decode"]) for r in rows] == [
+        ("plain", None, None), ("speculative", 1, False), ("speculative", 1, True), ("speculative", 3, False),
+        ("speculative", 3, True)]
+    assert all(r["seconds"] > 0 and abs(r["tokens_per_s"] - 32 / r["seconds"]) < 1e-6 * r["tokens_per_s"] for r in rows)
+    assert rows[0]["acceptance"] is None and all(0 <= r["acceptance"] <= 1 for r in rows[1:])
+    assert rows[1]["acceptance"] == rows[2]["acceptance"] and rows[3]["acceptance"] == rows[4]["acceptance"]
+    assert run(["bench", "--speculative", "--batch", "1", "--k", "2", "--vocab", "512"]) == 0
+    assert "vs plain" in capsys.readouterr().out
+    assert run(["bench", "--speculative", "--k", "0"]) == 2
 
 
 def test_beam_bench_state_is_rewound_before_its_history_is_full():

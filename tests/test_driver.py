@@ -11,6 +11,8 @@ from xllm_sampling.port.cli import run
 
 from .conftest import tree_snapshot
 
+SERIES = ["logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx", "spec_decode"]
+
 WRONG_SOFTMAX = (SERIES_DIR / "logit_softmax" / "logit_softmax.patch").read_text().replace(
     "+    return logit_softmax(logits, temperature)", "+    return logit_softmax(logits, temperature * 1.01)")
 
@@ -28,14 +30,15 @@ def demo_target(tmp_path_factory):
     return target
 
 
-def test_demo_applies_the_six_steps_in_order(demo_target):
+def test_demo_applies_the_seven_steps_in_order(demo_target):
     messages = log(demo_target)[::-1]
     steps = [line.split(": ", 1)[1] for m in messages for line in m.splitlines() if line.startswith("Step: ")]
-    assert steps == ["logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx"]
+    assert steps == SERIES
     last = messages[-1]
-    assert "Flag: nvtx=false" in last and "Verified-by: parity passed" in last and "Flags: air_topk=true" in last
+    assert "Flag: spec_decode=true" in last and "Verified-by: parity passed" in last and "Flags: air_topk=true" in last
+    assert "nvtx=false" in last
     gates = list((demo_target / ".git" / "xllm_port" / "gates").glob("*/*.json"))
-    assert len(gates) == 6
+    assert len(gates) == len(SERIES)
     record = json.loads(gates[0].read_text())["benchmarks"][0]["extra_info"]
     assert {"ratio", "device"} <= set(record["gate"]) and "torch" in record["environment"]
     assert "flags" in record["environment"]
@@ -51,7 +54,7 @@ def test_reapply_is_a_no_op(demo_target, capsys):
 def test_status_json(demo_target, capsys):
     assert run(["status", "--target", str(demo_target), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["step"] for r in rows if r["applied"]] == ["logit_softmax", "air_topk", "sampler", "beam_search", "cuda_graph", "nvtx"]
+    assert [r["step"] for r in rows if r["applied"]] == SERIES
     assert all(r["last_verification"]["result"] == "passed" for r in rows)
 
 

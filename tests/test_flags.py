@@ -21,7 +21,7 @@ def clean_flags(monkeypatch):
 
 def test_defaults_match_the_spec():
     assert flags.snapshot() == {"logit_softmax": True, "air_topk": True, "sampler": True, "beam_search": True,
-                                "cuda_graph": True, "cuda_graph_max_batch": 256, "nvtx": False}
+                                "spec_decode": True, "cuda_graph": True, "cuda_graph_max_batch": 256, "nvtx": False}
 
 
 def test_precedence_env_then_file_then_code(monkeypatch, tmp_path):

@@ -163,9 +163,9 @@ def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call():
 
 
 def test_path_state_follows_every_step_flag_but_graphs_and_nvtx():
-    assert flags.path_flags() == ("logit_softmax", "air_topk", "sampler", "beam_search")
-    with flags.override(logit_softmax=True, air_topk=True, sampler=False, beam_search=True, nvtx=True):
-        assert flags.path_state() == (True, True, False, True)
+    assert flags.path_flags() == ("logit_softmax", "air_topk", "sampler", "beam_search", "spec_decode")
+    with flags.override(logit_softmax=True, air_topk=True, sampler=False, beam_search=True, spec_decode=False, nvtx=True):
+        assert flags.path_state() == (True, True, False, True, False)
 
 
 @pytest.mark.cuda

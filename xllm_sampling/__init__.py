@@ -1,16 +1,15 @@
 """xllm_sampling: fast sampling ops for LLM inference engines, each behind a runtime flag.
 
-The six steps, in the order the series applies them:
+The seven steps, in the order the series applies them:
 
 1. :func:`logit_softmax` - fused temperature + softmax / log-softmax;
 2. :func:`air_topk_last_dim` - radix-select top-k with workspace and output caches;
 3. :func:`sample` - sorting-free sampling with a counter-based generator;
 4. :func:`beam_search_step` - one beam-search step (transformers' semantics) on device state;
 5. :class:`GraphRunner` - CUDA-graph capture of the sampling step;
-6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default).
-
-In progress, not yet a step of the series: :func:`rejection_sample`, speculative decoding's
-rejection sampler (torch reference and ``torch.compile`` levels).
+6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default);
+7. :func:`rejection_sample` - speculative decoding's rejection sampler (a torch loop, the loop
+   under ``torch.compile``, one CUDA kernel for the whole batch).
 
 See :mod:`xllm_sampling.flags` for turning each one on or off at runtime. The ops (and torch)
 are imported on first use, so that ``xllm-port --help`` or ``flags`` start at once, and

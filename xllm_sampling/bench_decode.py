@@ -1,5 +1,6 @@
-"""End to end (``xllm-port bench --decode`` and ``--beam``): the reference engine with the whole
-series applied, and its whole beam search with the ``beam_search`` flag on against off.
+"""End to end (``xllm-port bench --decode``, ``--beam`` and ``--speculative``): the reference engine
+with the whole series applied, its whole beam search with the ``beam_search`` flag on against off,
+and its speculative mode against plain decoding with the ``spec_decode`` flag on and off.
 
 The decode protocol, per batch size and per configuration (every flag off, then the series' steps
 switched on one more at a time, in series order, up to every flag on), ``reps`` (>= 3) runs of:
@@ -190,3 +191,55 @@ def table(report: dict) -> str:
                      f"{r['tpot_ms']:9.3f} ({r['tpot_spread_ms']:5.3f}) {r['total_ms']:9.1f} {r['tokens_per_s']:9.0f} "
                      f"{peak:>9} {100 * r['sampling_share']:8.1f}%")
     return "\n".join(lines)
+
+
+SPEC_TOKENS = 32  # new tokens of the timed generations (temperature 1: the rejection kernel's scope)
+
+
+def run_speculative(batches, vocab: int | None, ks, reps: int, progress: Callable[[str], None],
+                    preset: str = "tiny") -> dict:
+    """Time whole generations (prefill included): plain decoding, then the speculative mode (a
+    one-block draft) for each K with the spec_decode flag off and on; header and rows, each with
+    tokens/s and, for the speculative mode, the share of drafts accepted."""
+    device = gate.device_kind()
+    with _engine_with_series() as (_, (decode, model, sampling)):
+        cfg = model.preset(preset, max_len=SPEC_TOKENS + 16 + max(ks), **({"vocab": vocab} if vocab else {}))
+        engine = decode.Engine(cfg, device)
+        rows, total = [], len(batches) * (1 + 2 * len(ks))
+        for batch in batches:
+            prompts = torch.randint(1, cfg.vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
+
+            def params():
+                return sampling.SamplingParams(torch.ones(batch), seed=torch.arange(batch))
+
+            runs = [("plain", None, None, lambda: engine.generate(prompts, SPEC_TOKENS, params()))]
+            for k in ks:
+                for on in (False, True):
+                    runs.append(("speculative", k, on, lambda k=k: engine.speculative(prompts, SPEC_TOKENS, params(), k=k)))
+            for mode, k, on, fn in runs:
+                with flags.override(**({} if on is None else {"spec_decode": on})):
+                    result = fn()  # warm up (kernels built, graphs captured); the acceptance is the same every run
+                    seconds = statistics.median(_timed(fn, device) for _ in range(reps)) * 1e-3
+                rows.append({"batch": batch, "mode": mode, "k": k, "spec_decode": on, "seconds": seconds,
+                             "tokens_per_s": batch * SPEC_TOKENS / seconds,
+                             "acceptance": result["acceptance"] if mode == "speculative" else None})
+                progress(f"[{len(rows)}/{total}] B={batch} {mode}" + (f" K={k} flag {'on' if on else 'off'}" if k else "")
+                         + f": {seconds * 1e3:.1f} ms")
+    return {"header": gate.environment() | {"preset": preset, "vocab": cfg.vocab, "tokens": SPEC_TOKENS},
+            "speculative": rows}
+
+
+def speculative_table(report: dict) -> str:
+    """One line per (batch, mode, K, flag): ms per generation, tokens/s, acceptance, speed-up over plain."""
+    h = report["header"]
+    lines = [f"# speculative decoding ({h['tokens']} tokens, temperature 1, a one-block draft), reference engine "
+             f"({h['preset']}) with the series, vocab {h['vocab']}; {h.get('gpu', 'CPU')}; torch {h['torch']}",
+             f"{'B':>4} {'mode':26} {'ms':>9} {'tok/s':>9} {'accepted':>9} {'vs plain':>9}"]
+    plain = {r["batch"]: r["seconds"] for r in report["speculative"] if r["mode"] == "plain"}
+    for r in report["speculative"]:
+        name = "plain" if r["k"] is None else f"speculative K={r['k']} flag {'on' if r['spec_decode'] else 'off'}"
+        accepted = "" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
+        lines.append(f"{r['batch']:>4} {name:26} {r['seconds'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {accepted:>9} "
+                     f"{plain[r['batch']] / r['seconds']:8.2f}x")
+    return "\n".join(lines)
+

@@ -17,6 +17,7 @@ STAGES = (
     "air_topk",
     "sampler",
     "beam_search",
+    "spec_decode",
     "cuda_graph/capture",
     "cuda_graph/replay",
     "port/apply",

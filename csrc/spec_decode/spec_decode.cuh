@@ -1,4 +1,4 @@
-// Step spec_decode (in progress): speculative decoding's rejection sampler in one launch (torch-free).
+// Step spec_decode: speculative decoding's rejection sampler in one launch (torch-free).
 //
 // One block per request walks its positions i = 0..n (n its number of drafts): a pass over target
 // row i gives its max and sum of exp (temperature applied as the torch level applies it: x / t in

@@ -1,4 +1,4 @@
-"""Speculative decoding's rejection sampler (the seventh step, ``spec_decode``, in progress).
+"""Step 7, ``spec_decode``: speculative decoding's rejection sampler.
 
 A draft model proposes up to K tokens per request; the target model scores them in one forward,
 giving K + 1 rows of logits per request. :func:`rejection_sample` decides which drafts to keep
@@ -24,7 +24,9 @@ graph with no graph break (``torch._dynamo.explain``, torch 2.14, CPU: 1 graph, 
 fuses the elementwise work of every position (softmax, filters' masks, Philox's integer rounds,
 the acceptance test), while each row's sort, cumulative sums and ``searchsorted`` stay library
 calls; "kernel", ``csrc/spec_decode/`` on a GPU: one launch for the whole batch, no host
-synchronisation, temperature only (the filters stay with the torch levels).
+synchronisation, temperature only (the filters stay with the torch levels). By default (``level``
+None) the ``spec_decode`` flag chooses: on, "kernel" where it applies (CUDA logits, the extension
+built, no top-k, top-p or min-p), else "loop"; off, "loop".
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _checks, kernels, rng
+from .. import _checks, flags, kernels, nvtx, rng
 from .sampler import _RANGES, _first_above, _invalid_rows, _param, _ranked_keep, _rows
 
 ACCEPT_STREAM = 64  # the sampler's draws use streams 0..31
@@ -116,7 +118,7 @@ def _compiled():
 
 def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, *, draft_probs=None, num_draft=None,
                      temperature=None, top_k=None, top_p=None, min_p=None, seed=0, position=0,
-                     level: str = "loop") -> SpecDecodeOutput:
+                     level: str | None = None) -> SpecDecodeOutput:
     """Accept or reject each request's draft tokens and emit its next tokens (module docstring).
 
     ``target_logits`` (batch, K + 1, vocab) float32/bfloat16/float16: row i scores draft i, row n
@@ -125,10 +127,13 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
     distributions the tokens were sampled from, or None (one-hot). ``num_draft``: a number or a
     (batch,) tensor in [0, K] (default K). ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
     ``min_p``, ``seed``, ``position``: numbers or (batch,) tensors, as for ``sample``.
+    ``level``: "loop", "compiled", "kernel" or None (the ``spec_decode`` flag chooses: module docstring).
     Returns :class:`SpecDecodeOutput`: at most K + 1 tokens per request, -1 after the last.
     """
     batch, rows, vocab = _check_shapes(target_logits, draft_token_ids, draft_probs)
     device = target_logits.device
+    if level is None:
+        level = "kernel" if _kernel_applies(target_logits, (top_k, top_p, min_p)) else "loop"
     if level not in LEVELS:
         raise ValueError(f"level: {level!r} is not one of {', '.join(LEVELS)}")
     n = _checks.per_row("num_draft", rows - 1 if num_draft is None else num_draft, batch, device, torch.int64)
@@ -141,17 +146,27 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
     settings = [_rows(_param(name, value, rows_of), batch, device, _RANGES[name][0]) for name, value in (
         ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
         ("position", position))]
-    if level == "kernel":
-        return _kernel(target_logits, drafts, draft_probs, n, (top_k, top_p, min_p), settings[0], *settings[4:])
-    run = _compiled() if level == "compiled" else _loop
-    tokens, emitted = run(target_logits, drafts, draft_probs, n, *settings)
-    return SpecDecodeOutput(tokens, emitted)
+    with nvtx.range("spec_decode"):
+        if level == "kernel":
+            return _kernel(target_logits, drafts, draft_probs, n, (top_k, top_p, min_p), settings[0], *settings[4:])
+        run = _compiled() if level == "compiled" else _loop
+        tokens, emitted = run(target_logits, drafts, draft_probs, n, *settings)
+        return SpecDecodeOutput(tokens, emitted)
+
+
+def _filters_unset(filters) -> bool:
+    """Whether top_k, top_p and min_p are all left off (None or their neutral number)."""
+    return all(v is None or (not isinstance(v, torch.Tensor) and v == off) for v, off in zip(filters, (0, 1.0, 0.0)))
+
+
+def _kernel_applies(logits: torch.Tensor, filters) -> bool:
+    return (flags.enabled("spec_decode") and logits.is_cuda and _filters_unset(filters)
+            and kernels.load("spec_decode") is not None)
 
 
 def _kernel(logits, drafts, draft_probs, n, filters, temperature, seed, position) -> SpecDecodeOutput:
     """level="kernel": one launch of csrc/spec_decode/ (temperature only: ``filters`` must be unset)."""
-    unset = [v is None or (not isinstance(v, torch.Tensor) and v == off) for v, off in zip(filters, (0, 1.0, 0.0))]
-    if not all(unset):
+    if not _filters_unset(filters):
         raise ValueError("level: 'kernel' takes a temperature only; top_k, top_p and min_p need 'loop' or 'compiled'")
     kernel = kernels.load("spec_decode") if logits.is_cuda else None
     if kernel is None:

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="speculative decoding's rejection sampler instead: each level (--levels) against K (--k), "
                         "us per call host included and kernel launches; --batch default 1 16 64 (1 4 on CPU), --vocab "
                         "its first value; --plot draws time against K")
-    p.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8], help="--spec: draft tokens per request")
+    p.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8],
+                   help="--spec / --speculative: draft tokens per request")
     p.add_argument("--levels", nargs="+", choices=("loop", "compiled", "kernel", "flashinfer"),
                    default=["loop", "compiled", "kernel", "flashinfer"], help="--spec: the levels timed")
     p.add_argument("--host", action="store_true",
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", action="store_true",
                    help="end to end instead: the reference engine's whole beam search (4 beams), flag beam_search on "
                         "against off, in tokens/s; --batch default 1 16 64, --vocab as for --decode")
+    p.add_argument("--speculative", action="store_true",
+                   help="end to end instead: the reference engine's speculative mode (a one-block draft, each --k) "
+                        "against plain decoding, flag spec_decode on and off, tokens/s and the share of drafts "
+                        "accepted; --batch default 1, --vocab as for --decode")
 
     p = sub.add_parser("demo", parents=[common], help="create the reference engine and apply the whole series")
     p.add_argument("--dir", type=Path, help="where to create the target (default: a new temporary folder)")
@@ -178,11 +183,11 @@ def _bench(args, progress) -> dict:
     from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
+    if (args.spec or args.speculative) and any(k < 1 for k in args.k):
+        raise UsageError("--k: draft tokens per request must be >= 1")
     if args.spec:
         from .. import bench_spec
 
-        if any(k < 1 for k in args.k):
-            raise UsageError("--k: draft tokens per request must be >= 1")
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
         report = bench_spec.run(args.k, args.batch or ([1, 16, 64] if gpu else [1, 4]), vocab, min(args.reps, 20),
                                 args.levels, progress)
@@ -190,10 +195,12 @@ def _bench(args, progress) -> dict:
     if args.host:
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
         return bench.host(args.ops, args.batch or [1], vocab, 5, progress)
-    if args.decode or args.beam:
+    if args.decode or args.beam or args.speculative:
         from .. import bench_decode
 
         vocab = (args.vocab or [None if args.preset != "tiny" else 151936 if gpu else 32000])[0]
+        if args.speculative:
+            return bench_decode.run_speculative(args.batch or [1], vocab, args.k, 3, progress, args.preset)
         batches = args.batch or ([1, 16, 64] if gpu else [1, 16])
         if args.beam:
             return bench_decode.run_beam(batches, vocab, 3 if gpu else 2, progress, args.preset)
@@ -287,7 +294,8 @@ def _output(args, result) -> None:
         print(bench_spec.table(result) if "spec" in result else
               bench.host_table(result) if "host" in result else
               bench_decode.table(result) if "decode" in result else
-              bench_decode.beam_table(result) if "beam" in result else bench.table(result))
+              bench_decode.beam_table(result) if "beam" in result else
+              bench_decode.speculative_table(result) if "speculative" in result else bench.table(result))
     elif args.command == "flags":
         rows = result if isinstance(result, list) else [result]
         for row in rows:
