@@ -71,6 +71,11 @@ def configurations(step_flags: list[str]) -> list[tuple[str, dict]]:
     return configs
 
 
+def _engine(decode, model, preset: str, vocab: int | None, max_len: int, device: str):
+    """The reference engine of ``preset`` (``vocab`` None keeps the preset's vocabulary) on ``device``."""
+    return decode.Engine(model.preset(preset, max_len=max_len, **({"vocab": vocab} if vocab else {})), device)
+
+
 def _timed(fn: Callable[[], object], device: str) -> float:
     """Wall milliseconds of fn(), the device synchronised before and after."""
     if device == "cuda":
@@ -105,9 +110,8 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
     the reference model's size (engine.model.PRESETS); ``vocab`` None keeps the preset's."""
     device = gate.device_kind()
     with _engine_with_series() as (step_flags, (decode, model, sampling)):
-        cfg = model.preset(preset, max_len=LONG + 16, **({"vocab": vocab} if vocab else {}))
-        vocab = cfg.vocab
-        engine = decode.Engine(cfg, device)
+        engine = _engine(decode, model, preset, vocab, LONG + 16, device)
+        vocab = engine.cfg.vocab
         configs = configurations(step_flags)
         rows = []
         for batch in batches:
@@ -138,24 +142,19 @@ def run_beam(batches, vocab: int | None, reps: int, progress: Callable[[str], No
     """Time whole beam searches (prefill included) with the beam_search flag off and on; header and rows."""
     device = gate.device_kind()
     with _engine_with_series() as (_, (decode, model, _sampling)):
-        cfg = model.preset(preset, max_len=BEAM_TOKENS + 16, **({"vocab": vocab} if vocab else {}))
-        vocab = cfg.vocab
-        engine = decode.Engine(cfg, device)
+        engine = _engine(decode, model, preset, vocab, BEAM_TOKENS + 16, device)
+        vocab = engine.cfg.vocab
         rows = []
         for batch in batches:
             prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
 
             def search():
-                start = time.perf_counter()
                 engine.beam(prompts, BEAMS, BEAM_TOKENS, eos=[])
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - start
 
             for on in (False, True):
                 with flags.override(beam_search=on):
                     search()  # warm up
-                    seconds = statistics.median(search() for _ in range(reps))
+                    seconds = statistics.median(_timed(search, device) for _ in range(reps)) * 1e-3
                 rows.append({"beam_search": on, "batch": batch, "seconds": seconds,
                              "tokens_per_s": batch * BEAM_TOKENS / seconds})
                 progress(f"[{len(rows)}/{2 * len(batches)}] beam search B={batch} flag {'on' if on else 'off'}: "
@@ -203,11 +202,10 @@ def run_speculative(batches, vocab: int | None, ks, reps: int, progress: Callabl
     tokens/s and, for the speculative mode, the share of drafts accepted."""
     device = gate.device_kind()
     with _engine_with_series() as (_, (decode, model, sampling)):
-        cfg = model.preset(preset, max_len=SPEC_TOKENS + 16 + max(ks), **({"vocab": vocab} if vocab else {}))
-        engine = decode.Engine(cfg, device)
+        engine = _engine(decode, model, preset, vocab, SPEC_TOKENS + 16 + max(ks), device)
         rows, total = [], len(batches) * (1 + 2 * len(ks))
         for batch in batches:
-            prompts = torch.randint(1, cfg.vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
+            prompts = torch.randint(1, engine.cfg.vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
 
             def params():
                 return sampling.SamplingParams(torch.ones(batch), seed=torch.arange(batch))
@@ -225,7 +223,7 @@ def run_speculative(batches, vocab: int | None, ks, reps: int, progress: Callabl
                              "acceptance": result["acceptance"] if mode == "speculative" else None})
                 progress(f"[{len(rows)}/{total}] B={batch} {mode}" + (f" K={k} flag {'on' if on else 'off'}" if k else "")
                          + f": {seconds * 1e3:.1f} ms")
-    return {"header": gate.environment() | {"preset": preset, "vocab": cfg.vocab, "tokens": SPEC_TOKENS},
+    return {"header": gate.environment() | {"preset": preset, "vocab": engine.cfg.vocab, "tokens": SPEC_TOKENS},
             "speculative": rows}
 
 

@@ -287,9 +287,7 @@ def _output(args, result) -> None:
                 print(f"{'':14} INTERRUPTED during its {row['interrupted']} phase: run `xllm-port recover "
                       f"--target {args.target}` (or apply, which recovers first)")
     elif args.command == "bench":
-        from .. import bench, bench_decode
-
-        from .. import bench_spec
+        from .. import bench, bench_decode, bench_spec
 
         print(bench_spec.table(result) if "spec" in result else
               bench.host_table(result) if "host" in result else
