@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "launch_helpers.cuh"
+#include "per_row_args.h"
 #include "sampler/sampling.cuh"
 
 torch::Tensor uniform(torch::Tensor seed, torch::Tensor position, int64_t stream);
@@ -11,6 +12,8 @@ torch::Tensor uniform(torch::Tensor seed, torch::Tensor position, int64_t stream
 namespace {
 
 namespace s = xllm::sampler;
+using xllm::offset;
+using xllm::per_row;
 using xllm::round_up;
 
 constexpr int64_t kChunkBytes = 40 * 1024;     // cached floats per block where the row allows (several blocks per SM)
@@ -29,20 +32,6 @@ int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
   while (cs > 1 && (cs - 1) * chunk(cs) >= vocab) cs /= 2;  // no block without elements
   return cs;
 }
-
-template <typename T>
-s::PerRow<T> per_row(const c10::optional<torch::Tensor>& values, T scalar, int64_t batch, c10::ScalarType type,
-                     const char* name) {
-  if (!values.has_value()) return {nullptr, scalar};
-  TORCH_CHECK(values->is_cuda() && values->scalar_type() == type && values->is_contiguous() && values->numel() == batch,
-              name, ": contiguous (batch,) CUDA tensor of ", c10::toString(type));
-  return {values->data_ptr<T>(), scalar};
-}
-
-template <typename T>
-const T* offset(const T* p, int64_t rows) { return p ? p + rows : nullptr; }
-template <typename T>
-s::PerRow<T> offset(s::PerRow<T> p, int64_t rows) { return {offset(p.values, rows), p.scalar}; }
 
 // One launch per 65535 rows (the grid's y limit), each with its rows' pointers.
 template <typename T, int VEC, bool PENALTY>

@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "per_row.cuh"
 #include "philox.cuh"
 #include "rank_key.cuh"
 #include "vector_load.cuh"
@@ -53,13 +54,7 @@ constexpr unsigned kFull = 0xffffffffu;
 // cached chunk: 16-byte aligned whatever the chunk's length (the list holds 8-byte keys).
 __host__ __device__ constexpr int64_t list_offset(int64_t chunk) { return (chunk + 3) / 4 * 4; }
 
-// A per-request parameter: a (batch,) array, or one value for every row when `values` is null.
-template <typename T>
-struct PerRow {
-  const T* values;
-  T scalar;
-  __device__ __forceinline__ T operator[](int64_t row) const { return values ? values[row] : scalar; }
-};
+using xllm::PerRow;
 
 struct Args {
   int64_t vocab, chunk;  // chunk: elements per block (a multiple of the vector width)
