@@ -93,15 +93,22 @@ def greedy_reference(logits, drafts, n):
     return out
 
 
-def test_greedy_equals_the_argmax_rule():
+@pytest.mark.parametrize("device,level,vocab,dtype", [
+    ("cpu", None, 40, torch.float32),
+    pytest.param("cuda", "kernel", 20000, torch.float32, marks=pytest.mark.cuda),  # ties across a cluster's blocks
+    pytest.param("cuda", "kernel", 20000, torch.bfloat16, marks=pytest.mark.cuda),
+])
+def test_greedy_equals_the_argmax_rule(device, level, vocab, dtype):
     """Temperature 0, ties at the maximum included: the argmax rule exactly, beside sampled rows."""
     g = torch.Generator().manual_seed(5)
-    batch, k, vocab = 64, 5, 40
-    logits = torch.randint(0, 6, (batch, k + 1, vocab), generator=g).float()  # many ties at the maximum
+    batch, k = 64, 5
+    logits = torch.randint(0, 6, (batch, k + 1, vocab), generator=g).to(dtype)  # many ties at the maximum
     best = logits.argmax(-1)
     drafts = torch.where(torch.rand(batch, k, generator=g) < 0.8, best[:, :k], torch.randint(0, vocab, (batch, k), generator=g))
     temperature = torch.where(torch.arange(batch) % 4 == 3, 0.7, 0.0)
-    out = xs.rejection_sample(logits, drafts, temperature=temperature, seed=torch.arange(batch))
+    out = xs.rejection_sample(logits.to(device), drafts.to(device), temperature=temperature.to(device),
+                              seed=torch.arange(batch, device=device), level=level)
+    out = xs.SpecDecodeOutput(out.tokens.cpu(), out.emitted.cpu())
     for b in range(batch):
         if temperature[b] == 0:
             expected = greedy_reference(logits[b], drafts[b], k)
@@ -199,7 +206,7 @@ KERNEL_CASES = [(1, 1, 32000, True), (16, 4, 151936, True), (5, 8, 1000, False),
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_emits_the_loops_tokens(batch, k, vocab, with_probs, dtype):
     """level="kernel" against the loop on the same GPU inputs: greedy and sampled rows, variable K,
-    draft distributions given or one-hot, a dead row (float64 sums in another order: a token at a
+    draft distributions given or one-hot, dead rows (NaN, +inf, all -inf) (float64 sums in another order: a token at a
     rounding boundary, probability ~1e-15 per draw, is the only way they could differ)."""
     g = torch.Generator().manual_seed(batch * k + vocab)
     logits = (torch.randn(batch, k + 1, vocab, generator=g) * 3).to(dtype)
@@ -208,6 +215,9 @@ def test_kernel_emits_the_loops_tokens(batch, k, vocab, with_probs, dtype):
     drafts[0, 0] = logits[0, 0].float().argmax()
     if batch > 2:
         logits[2, min(1, k)] = float("nan")
+    if batch > 4:
+        logits[3, k, vocab // 2] = float("inf")
+        logits[4, 0] = float("-inf")
     temperature = torch.where(torch.arange(batch) % 3 == 0, 0.0, torch.rand(batch, generator=g) + 0.3)
     kw = dict(num_draft=torch.randint(0, k + 1, (batch,), generator=g).cuda(), seed=torch.arange(batch).cuda(),
               position=torch.full((batch,), 11).cuda(), temperature=temperature.cuda(),
@@ -215,6 +225,50 @@ def test_kernel_emits_the_loops_tokens(batch, k, vocab, with_probs, dtype):
     loop = xs.rejection_sample(logits.cuda(), drafts.cuda(), level="loop", **kw)
     kernel = xs.rejection_sample(logits.cuda(), drafts.cuda(), level="kernel", **kw)
     assert torch.equal(kernel.tokens, loop.tokens) and torch.equal(kernel.emitted, loop.emitted)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_probs", [True, False])
+def test_kernel_follows_the_target_distribution(with_probs):
+    """level="kernel": the first emitted token follows q_0, a second one q_1 (chi-square over 10^5
+    requests), and the mean number accepted meets its closed form (temperature only: the kernel's settings)."""
+    logits, draft, drafts = scenario(k=4, seed=3)
+    probs = draft.expand(TRIALS, *draft.shape).cuda() if with_probs else None
+    out = xs.rejection_sample(logits.cuda(), drafts.cuda(), draft_probs=probs, temperature=0.9,
+                              seed=torch.arange(TRIALS).cuda(), position=7, level="kernel")
+    tokens, emitted = out.tokens.cpu(), out.emitted.cpu()
+    q = target_probs(logits[0], torch.full((5,), 0.9), torch.zeros(5, dtype=torch.int64), torch.ones(5), torch.zeros(5))
+    assert chi_square_p(tokens[:, 0], q[0]) > P_VALUE
+    second = emitted >= 2
+    assert second.sum() > TRIALS // 20  # one-hot drafts: 7.9% accepted at position 0 (loop level, CPU)
+    assert chi_square_p(tokens[second, 1], q[1]) > P_VALUE
+    if with_probs:
+        expected = torch.cumprod(torch.minimum(draft.double(), q[:4]).sum(-1), 0).sum()
+    else:  # one-hot drafts: alpha_i = q_i(x_i) for the request's own drafts, averaged over the requests
+        alpha = q[:4].gather(-1, drafts.T).T  # (TRIALS, 4)
+        expected = torch.cumprod(alpha, 1).sum(1).mean()
+    accepted = (emitted - 1).double()
+    assert abs(accepted.mean() - expected) <= SIGMAS * accepted.std() / TRIALS ** 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tokens_do_not_depend_on_the_batch(dtype):
+    """A request alone (a 16-block cluster) emits what it emits in a batch of 64 (4-block clusters)."""
+    g = torch.Generator().manual_seed(12)
+    batch, k, vocab = 64, 4, 151936
+    logits = (torch.randn(batch, k + 1, vocab, generator=g) * 3).to(dtype).cuda()
+    probs = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1).cuda()
+    drafts = torch.multinomial(probs.flatten(0, 1), 1).view(batch, k)
+    drafts[:, :2] = logits[:, :2].float().argmax(-1)  # accepted often: later positions are reached
+    kw = dict(temperature=torch.rand(batch, generator=g).cuda() + 0.5, seed=torch.arange(batch).cuda() + 40,
+              position=torch.full((batch,), 3).cuda(), level="kernel")
+    together = xs.rejection_sample(logits, drafts, draft_probs=probs, **kw)
+    assert together.emitted.max() > 2
+    for b in range(0, batch, 9):
+        alone = xs.rejection_sample(logits[b:b + 1], drafts[b:b + 1], draft_probs=probs[b:b + 1],
+                                    **{name: v[b:b + 1] if isinstance(v, torch.Tensor) else v for name, v in kw.items()})
+        assert torch.equal(alone.tokens[0], together.tokens[b]) and torch.equal(alone.emitted[0], together.emitted[b])
 
 
 @pytest.mark.cuda

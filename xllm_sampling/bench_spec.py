@@ -5,8 +5,9 @@ draft's distributions (B, K, V) and draft tokens sampled from them; temperature 
 settings FlashInfer's call has). Levels: ``loop``, ``compiled`` and ``kernel`` (``rejection_sample``'s), and
 FlashInfer's ``chain_speculative_sampling`` when it imports, timed with the softmax that turns the
 target's logits into the probabilities it takes. Each call is timed whole, host included (a loop
-over K pays its launches), median of ``reps``; on a GPU the torch profiler also counts the kernel
-launches of one call, which a one-launch kernel keeps constant in K.
+over K pays its launches), median of ``reps``, L2 flushed; on a GPU also its device time alone (a
+spin kernel queued ahead hides the host) and, from the torch profiler, the kernel launches of one
+call, which a one-launch kernel keeps constant in K.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def run(ks, batches, vocab: int, reps: int, levels, progress: Callable[[str], No
         except ImportError:
             fi = None
     timer = gate.Timer(device, host_overhead=True)
+    device_timer = gate.Timer(device, host_overhead=False) if device == "cuda" else None
     header = gate.environment() | {"vocab": vocab, "flashinfer": getattr(fi, "__version__", "not installed")}
     rows = []
     for batch in batches:
@@ -76,6 +78,7 @@ def run(ks, batches, vocab: int, reps: int, levels, progress: Callable[[str], No
                     continue
                 fn(), fn()  # warm up (and compile)
                 row[level] = {"us": statistics.median(timer(fn) for _ in range(reps)),
+                              "device_us": statistics.median(device_timer(fn) for _ in range(reps)) if device_timer else None,
                               "launches": _launches(fn) if device == "cuda" else None}
             rows.append(row)
             progress(f"[{len(rows)}/{len(ks) * len(batches)}] spec_decode K={k} B={batch}")
@@ -83,20 +86,21 @@ def run(ks, batches, vocab: int, reps: int, levels, progress: Callable[[str], No
 
 
 def table(report: dict) -> str:
-    """One line per (batch, K): each level's microseconds per call (kernel launches)."""
+    """One line per (batch, K): each level's microseconds per call, host included / device alone (kernel launches)."""
     h, levels = report["header"], report["levels"]
     lines = [f"# rejection sampling, V={h['vocab']}; {h.get('gpu', 'CPU (no launch counts)')}; torch {h['torch']}; "
-             f"FlashInfer {h['flashinfer']}; us per call, host included (kernel launches)",
-             f"{'B':>4} {'K':>3}" + "".join(f"{level:>22}" for level in levels)]
+             f"FlashInfer {h['flashinfer']}; us per call, host included / device alone (kernel launches)",
+             f"{'B':>4} {'K':>3}" + "".join(f"{level:>26}" for level in levels)]
     for r in report["spec"]:
         cells = []
         for level in levels:
             c = r[level]
             if c is None:
-                cells.append(f"{'n/a':>22}")
+                cells.append(f"{'n/a':>26}")
             else:
-                text = f"{c['us']:.1f}" + ("" if c["launches"] is None else f" ({c['launches']})")
-                cells.append(f"{text:>22}")
+                text = f"{c['us']:.1f}" + ("" if c.get("device_us") is None else f" / {c['device_us']:.1f}") \
+                    + ("" if c["launches"] is None else f" ({c['launches']})")
+                cells.append(f"{text:>26}")
         lines.append(f"{r['batch']:>4} {r['k']:>3}" + "".join(cells))
     return "\n".join(lines)
 

@@ -136,22 +136,37 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: torch.Tensor,
         level = "kernel" if _kernel_applies(target_logits, (top_k, top_p, min_p)) else "loop"
     if level not in LEVELS:
         raise ValueError(f"level: {level!r} is not one of {', '.join(LEVELS)}")
-    n = _checks.per_row("num_draft", rows - 1 if num_draft is None else num_draft, batch, device, torch.int64)
-    _checks.values_in("num_draft", n, 0, rows - 1, lo_open=False, hi_open=False)
+    n = _num_draft(num_draft, batch, rows - 1, device)
     drafts = draft_token_ids.to(device, torch.int64)
     if drafts.device.type == "cpu" and bool(((drafts < 0) | (drafts >= vocab))[
-            torch.arange(rows - 1) < n[:, None]].any()):
+            torch.arange(rows - 1) < _rows(n, batch, device, torch.int64)[:, None]].any()):
         raise ValueError(f"draft_token_ids: a draft id outside [0, {vocab}) among the first num_draft of a request")
     rows_of = target_logits[:, 0]  # the sampler's checks of a setting, against one row per request
-    settings = [_rows(_param(name, value, rows_of), batch, device, _RANGES[name][0]) for name, value in (
-        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
-        ("position", position))]
+    settings = [_param(name, value, rows_of) for name, value in zip(_SETTINGS, (
+        temperature, top_k, top_p, min_p, seed, position))]  # numbers, or (batch,) tensors on the device
     with nvtx.range("spec_decode"):
         if level == "kernel":
-            return _kernel(target_logits, drafts, draft_probs, n, (top_k, top_p, min_p), settings[0], *settings[4:])
+            return _kernel(target_logits, drafts, draft_probs, n, *settings)
         run = _compiled() if level == "compiled" else _loop
-        tokens, emitted = run(target_logits, drafts, draft_probs, n, *settings)
+        tokens, emitted = run(target_logits, drafts, draft_probs, _rows(n, batch, device, torch.int64),
+                              *(_rows(v, batch, device, _RANGES[name][0]) for name, v in zip(_SETTINGS, settings)))
         return SpecDecodeOutput(tokens, emitted)
+
+
+_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "seed", "position")
+
+
+def _num_draft(value, batch: int, k: int, device) -> int | torch.Tensor:
+    """``num_draft`` checked: K when None, a number in [0, K], or a (batch,) integer tensor on the logits' device."""
+    if value is None:
+        return k
+    if isinstance(value, torch.Tensor):
+        t = _checks.per_row("num_draft", value, batch, device, torch.int64)
+        _checks.values_in("num_draft", t, 0, k, lo_open=False, hi_open=False)
+        return t.contiguous()
+    value = _checks.int64("num_draft", value)
+    _checks.number_in("num_draft", value, 0, k)
+    return value
 
 
 def _filters_unset(filters) -> bool:
@@ -160,23 +175,29 @@ def _filters_unset(filters) -> bool:
 
 
 def _kernel_applies(logits: torch.Tensor, filters) -> bool:
-    return (flags.enabled("spec_decode") and logits.is_cuda and _filters_unset(filters)
-            and kernels.load("spec_decode") is not None)
+    if not (flags.enabled("spec_decode") and logits.is_cuda and _filters_unset(filters)):
+        return False
+    kernel = kernels.load("spec_decode")
+    return kernel is not None and logits.shape[-1] <= kernel.max_vocab()
 
 
-def _kernel(logits, drafts, draft_probs, n, filters, temperature, seed, position) -> SpecDecodeOutput:
-    """level="kernel": one launch of csrc/spec_decode/ (temperature only: ``filters`` must be unset)."""
-    if not _filters_unset(filters):
+def _kernel(logits, drafts, draft_probs, n, temperature, top_k, top_p, min_p, seed, position) -> SpecDecodeOutput:
+    """level="kernel": one launch of csrc/spec_decode/ (temperature only: the filters must be unset).
+    Settings given as numbers go to the kernel as numbers (no (batch,) tensors to fill)."""
+    if not _filters_unset((top_k, top_p, min_p)):
         raise ValueError("level: 'kernel' takes a temperature only; top_k, top_p and min_p need 'loop' or 'compiled'")
     kernel = kernels.load("spec_decode") if logits.is_cuda else None
     if kernel is None:
         raise ValueError("level: 'kernel' needs CUDA tensors and a built extension; use 'loop' or 'compiled'")
+    if logits.shape[-1] > kernel.max_vocab():
+        raise ValueError(f"level: 'kernel' takes a vocab up to {kernel.max_vocab()}; use 'loop' or 'compiled'")
     batch, rows = logits.shape[:2]
     tokens = torch.empty(batch, rows, dtype=torch.int64, device=logits.device)
     emitted = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    split = lambda v: (v, 0) if isinstance(v, torch.Tensor) else (None, v)  # noqa: E731
     kernel.rejection_sample(logits.contiguous(), drafts.contiguous(),
-                            None if draft_probs is None else draft_probs.float().contiguous(), n.contiguous(),
-                            temperature.contiguous(), 1.0, seed.contiguous(), position.contiguous(), tokens, emitted)
+                            None if draft_probs is None else draft_probs.float().contiguous(), *split(n),
+                            *split(temperature), *split(seed), *split(position), tokens, emitted)
     return SpecDecodeOutput(tokens, emitted)
 
 
