@@ -9,9 +9,10 @@ K = 4
 
 
 def sampler(batch, vocab, device):
-    logits = torch.randn(batch, K + 1, vocab, device=device) * 3
-    probs = torch.softmax(torch.randn(batch, K, vocab, device=device) * 3, -1)
-    drafts = torch.multinomial(probs.flatten(0, 1), 1).view(batch, K)
+    g = torch.Generator(device).manual_seed(batch + vocab)
+    logits = torch.randn(batch, K + 1, vocab, device=device, generator=g) * 3
+    probs = torch.softmax(torch.randn(batch, K, vocab, device=device, generator=g) * 3, -1)
+    drafts = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(batch, K)
     seed = torch.arange(batch, device=device)
 
     def run(on):
