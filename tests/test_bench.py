@@ -58,6 +58,35 @@ def test_spec_bench_times_each_level_against_k(capsys):
     assert "--k" in capsys.readouterr().err
 
 
+def test_spec_bench_as_an_op_and_a_compile_error_reported(capsys, monkeypatch):
+    """--ops spec_decode is --spec (alone); a level torch.compile cannot build is reported in its
+    cell and the other levels are still timed."""
+    import torch
+
+    from xllm_sampling import bench_spec
+
+    real = bench_spec._call
+
+    def failing(level, *args):
+        if level != "compiled":
+            return real(level, *args)
+
+        def fn():
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, AssertionError("inductor"), None)
+        return fn
+
+    monkeypatch.setattr(bench_spec, "_call", failing)
+    assert run(["bench", "--ops", "spec_decode", "--levels", "loop", "compiled", "--k", "1", "--batch", "1",
+                "--vocab", "300", "--reps", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["spec"][0]
+    assert row["loop"]["us"] > 0 and row["compiled"] == {"error": "AssertionError in torch.compile"}
+    assert run(["bench", "--ops", "spec_decode", "--levels", "compiled", "--k", "1", "--batch", "1", "--vocab", "300",
+                "--reps", "2"]) == 0
+    assert "compile error" in capsys.readouterr().out
+    assert run(["bench", "--ops", "spec_decode", "topk"]) == 2
+    assert "--ops" in capsys.readouterr().err
+
+
 def test_decode_bench_switches_the_steps_on_cumulatively(capsys):
     """--decode: all off, then one more step on at a time in series order, up to all on; every
     figure of the protocol, medians of three runs, consistent with each other."""

@@ -76,7 +76,12 @@ def run(ks, batches, vocab: int, reps: int, levels, progress: Callable[[str], No
                 if fn is None:
                     row[level] = None
                     continue
-                fn(), fn()  # warm up (and compile)
+                try:
+                    fn(), fn()  # warm up (and compile)
+                except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's errors: reported, not fatal
+                    row[level] = {"error": f"{type(getattr(e, 'inner_exception', e)).__name__} in torch.compile"}
+                    progress(f"spec_decode K={k} B={batch} {level}: {str(e).strip().splitlines()[0][:200]}")
+                    continue
                 row[level] = {"us": statistics.median(timer(fn) for _ in range(reps)),
                               "device_us": statistics.median(device_timer(fn) for _ in range(reps)) if device_timer else None,
                               "launches": _launches(fn) if device == "cuda" else None}
@@ -95,8 +100,8 @@ def table(report: dict) -> str:
         cells = []
         for level in levels:
             c = r[level]
-            if c is None:
-                cells.append(f"{'n/a':>26}")
+            if c is None or "error" in c:
+                cells.append(f"{'n/a' if c is None else 'compile error':>26}")
             else:
                 text = f"{c['us']:.1f}" + ("" if c.get("device_us") is None else f" / {c['device_us']:.1f}") \
                     + ("" if c["launches"] is None else f" ({c['launches']})")
@@ -117,7 +122,7 @@ def plot(report: dict, path: str) -> None:
     for ax, batch in zip(axes[0], batches):
         rows = [r for r in report["spec"] if r["batch"] == batch]
         for level in report["levels"]:
-            points = [(r["k"], r[level]["us"]) for r in rows if r[level] is not None]
+            points = [(r["k"], r[level]["us"]) for r in rows if r[level] is not None and "us" in r[level]]
             if points:
                 ax.plot(*zip(*points), "o-", label=level)
         ax.set(title=f"rejection sampling, B={batch}, V={report['header']['vocab']}", xlabel="K (draft tokens)",

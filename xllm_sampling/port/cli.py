@@ -67,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=Path, help="use the target's flags file (.git/xllm_port/flags.toml)")
 
     p = sub.add_parser("bench", parents=[common], help="time each op: torch, fast path, FlashInfer")
-    p.add_argument("--ops", nargs="+", choices=BENCH_ALL_OPS, default=list(BENCH_OPS),
+    p.add_argument("--ops", nargs="+", choices=BENCH_ALL_OPS + ("spec_decode",), default=list(BENCH_OPS),
                    help="default: the four ops (topk: k = 50 sorted; beam_search: 4 beams, --batch counts requests); "
                         "also topk_unsorted, topk1024, topk1024_unsorted, the sampling_* configurations, beam_search_w1, "
-                        "beam_search_w8")
+                        "beam_search_w8; spec_decode alone is --spec")
     p.add_argument("--batch", nargs="+", type=int, help="default: 1 16 64 256 on a GPU, 1 16 on CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="default: 32000 128256 151936 on a GPU, 32000 on CPU")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -183,6 +183,10 @@ def _bench(args, progress) -> dict:
     from .. import bench, gate
 
     gpu = gate.device_kind() == "cuda"
+    if "spec_decode" in args.ops:
+        if len(args.ops) > 1:
+            raise UsageError("--ops: spec_decode goes alone (timed against K, as --spec: the same bench)")
+        args.spec = True
     if (args.spec or args.speculative) and any(k < 1 for k in args.k):
         raise UsageError("--k: draft tokens per request must be >= 1")
     if args.spec:
