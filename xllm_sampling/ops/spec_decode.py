@@ -23,10 +23,12 @@ Levels (``level=``): "loop", a torch loop over the K + 1 positions (the referenc
 graph with no graph break (``torch._dynamo.explain``, torch 2.14, CPU: 1 graph, 0 breaks); inductor
 fuses the elementwise work of every position (softmax, filters' masks, Philox's integer rounds,
 the acceptance test), while each row's sort, cumulative sums and ``searchsorted`` stay library
-calls; "kernel", ``csrc/spec_decode/`` on a GPU: one launch for the whole batch, no host
-synchronisation, temperature only (the filters stay with the torch levels). By default (``level``
+calls (torch 2.11's inductor fails to build it on a GPU at V = 151936: docs/steps.md); "kernel",
+``csrc/spec_decode/`` on a GPU: one launch of one thread-block cluster per request for the whole
+batch, no host synchronisation, temperature only (the filters stay with the torch levels), vocab
+up to the extension's ``max_vocab()``. By default (``level``
 None) the ``spec_decode`` flag chooses: on, "kernel" where it applies (CUDA logits, the extension
-built, no top-k, top-p or min-p), else "loop"; off, "loop".
+built, no top-k, top-p or min-p, vocab within its limit), else "loop"; off, "loop".
 """
 from __future__ import annotations
 
