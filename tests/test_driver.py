@@ -1,5 +1,6 @@
 """The xllm-port driver on temporary targets, through its CLI entry point."""
 import json
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,27 @@ def test_status_json(demo_target, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["step"] for r in rows if r["applied"]] == SERIES
     assert all(r["last_verification"]["result"] == "passed" for r in rows)
+
+
+def test_status_shows_the_graph_counters_a_process_published(demo_target, capsys):
+    """An engine process using the target's flags file publishes its GraphRunner counters (at exit
+    at the latest); status shows them on the cuda_graph step, as JSON and as text."""
+    flags_file = demo_target / ".git" / "xllm_port" / "flags.toml"
+    code = ("import torch; from xllm_sampling import GraphRunner\n"
+            "runner = GraphRunner(lambda x: x.argmax(-1), name='sample_step')\n"
+            "for _ in range(3): runner(torch.randn(2, 10))\n"
+            "import os; print(os.getpid())")
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLLM_SAMPLING_FLAGS_FILE": str(flags_file)},
+                           capture_output=True, text=True, check=True)
+    pid = int(child.stdout.split()[-1])
+    assert run(["status", "--target", str(demo_target), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+    published = [p for p in rows["cuda_graph"]["graph_counters"] if p["pid"] == pid]
+    assert len(published) == 1 and not published[0]["running"]
+    assert published[0]["runners"] == {"sample_step": {"captures": 0, "replays": 0, "eager_calls": 3}}
+    assert all("graph_counters" not in r for name, r in rows.items() if name != "cuda_graph")
+    assert run(["status", "--target", str(demo_target)]) == 0
+    assert f"graphs of process {pid} (exited" in capsys.readouterr().out
 
 
 def test_rollback_by_flag_changes_no_code(demo_target, capsys):

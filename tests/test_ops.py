@@ -1,4 +1,6 @@
 """The ops on their own: bad input, the generator, parity of fast and original paths, the graph runner."""
+import json
+
 import pytest
 import torch
 
@@ -128,6 +130,27 @@ def test_graph_runner_runs_eagerly_on_cpu():
     x = torch.randn(3, 50)
     out = runner(x, torch.zeros(3))
     assert torch.equal(out.tokens, x.argmax(-1)) and runner.eager_calls == 1 and runner.captures == 0
+
+
+def test_graph_counters_add_up_by_name_and_are_published_beside_the_flags_file(tmp_path, monkeypatch):
+    from xllm_sampling.ops import cuda_graph
+
+    first, second = GraphRunner(lambda x: x + 1, name="counted"), GraphRunner(lambda x: x * 2, name="counted")
+    for runner, calls in ((first, 2), (second, 3)):
+        for _ in range(calls):
+            runner(torch.ones(2, 3))
+    assert xs.graph_counters()["counted"] == {"captures": 0, "replays": 0, "eager_calls": 5}
+    monkeypatch.delenv("XLLM_SAMPLING_FLAGS_FILE", raising=False)
+    assert cuda_graph.counters_file() is None
+    cuda_graph.publish(force=True)  # nowhere to publish: nothing happens
+    monkeypatch.setenv("XLLM_SAMPLING_FLAGS_FILE", str(tmp_path / "flags.toml"))
+    cuda_graph.publish(force=True)
+    published = json.loads(cuda_graph.counters_file().read_text())
+    assert cuda_graph.counters_file().parent == tmp_path / "graph_counters"
+    assert published["runners"]["counted"]["eager_calls"] == 5
+    monkeypatch.setattr(cuda_graph, "PUBLISH_EVERY_S", 1e9)
+    first(torch.ones(2, 3))  # within PUBLISH_EVERY_S of the last publication: not written again
+    assert json.loads(cuda_graph.counters_file().read_text())["runners"]["counted"]["eager_calls"] == 5
 
 
 @pytest.mark.cuda

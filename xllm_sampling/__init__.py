@@ -29,6 +29,7 @@ _EXPORTS = {
     "beam_search_step": "beam_search",
     "BeamSearchState": "beam_search",
     "GraphRunner": "cuda_graph",
+    "graph_counters": "cuda_graph",
     "rejection_sample": "spec_decode",
     "SpecDecodeOutput": "spec_decode",
 }

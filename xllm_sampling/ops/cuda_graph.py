@@ -8,17 +8,73 @@ off, and after a capture failure (one warning per bucket, and the step is run ea
 token is lost). Graphs are keyed by the step flags' values as well (``flags.path_state``): a
 flag toggled while graphs exist takes effect at the next call, through a graph captured for it.
 Capture is logged at INFO, replay at DEBUG, by the logger ``xllm_sampling.cuda_graph``.
+
+Counters: each runner counts its captures, replays and eager calls; :func:`graph_counters` adds them up
+by runner name for the whole process. A process whose flags come from a target's flags file
+(``XLLM_SAMPLING_FLAGS_FILE``, e.g. the target's ``.git/xllm_port/flags.toml``) also publishes them beside that file,
+in ``graph_counters/<pid>.json`` (at each capture or failed capture, at most once a second
+otherwise, and at exit), where ``xllm-port status`` shows them.
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
 import time
 import warnings
+import weakref
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .. import flags, nvtx
+from .. import flags, nvtx, published_counters
+
+PUBLISH_EVERY_S = 1.0
+_runners: weakref.WeakSet = weakref.WeakSet()
+_last_publish = [0.0]
+
+
+def graph_counters() -> dict[str, dict[str, int]]:
+    """This process's live runners' counters by runner name (runners of one name added):
+    ``{"captures": ..., "replays": ..., "eager_calls": ...}``."""
+    out: dict[str, dict[str, int]] = {}
+    for runner in list(_runners):
+        c = out.setdefault(runner.name, {"captures": 0, "replays": 0, "eager_calls": 0})
+        c["captures"] += runner.captures
+        c["replays"] += runner.replays
+        c["eager_calls"] += runner.eager_calls
+    return out
+
+
+def counters_file() -> Path | None:
+    """Where this process publishes its counters: ``graph_counters/<pid>.json`` beside the flags
+    file named by ``XLLM_SAMPLING_FLAGS_FILE``; None without one."""
+    flags_file = flags._environ_get(flags.FLAGS_FILE_ENV)
+    return published_counters.path_for(flags_file, os.getpid()) if flags_file else None
+
+
+def publish(force: bool = False) -> None:
+    """Write :func:`graph_counters` to :func:`counters_file` (at most once per PUBLISH_EVERY_S unless
+    ``force``). Best effort: a file that cannot be written never fails a decode step."""
+    now = time.monotonic()
+    if not force and now - _last_publish[0] < PUBLISH_EVERY_S:
+        return
+    path = counters_file()
+    if path is None:
+        return
+    _last_publish[0] = now
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "updated": time.time(), "runners": graph_counters()}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("graph counters not published to %s: %s", path, e)
+
+
+atexit.register(publish, True)
 
 log = logging.getLogger("xllm_sampling.cuda_graph")  # the name the docs give users
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -60,12 +116,18 @@ class GraphRunner:
         self.fn, self.buckets, self.name = fn, tuple(sorted(buckets)), name
         self._graphs: dict[tuple, _Captured | None] = {}
         self.captures = self.replays = self.eager_calls = 0
+        _runners.add(self)
 
     def _bucket(self, batch: int) -> int | None:
         limit = flags.get("cuda_graph_max_batch")
         return next((b for b in self.buckets if b >= batch and b <= limit), None)
 
     def __call__(self, *inputs: torch.Tensor):
+        out = self._run(*inputs)
+        publish()
+        return out
+
+    def _run(self, *inputs: torch.Tensor):
         batch = inputs[0].shape[0]
         bucket = self._bucket(batch)
         if not (flags.enabled("cuda_graph") and inputs[0].is_cuda and bucket is not None):
@@ -76,6 +138,7 @@ class GraphRunner:
         key = (bucket, flags.path_state()) + tuple((t.shape[1:], t.dtype, t.device) for t in inputs)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, inputs)
+            publish(force=True)
         captured = self._graphs[key]
         if captured is None:
             self.eager_calls += 1

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a step failed its checks or was interrupted (the target
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
@@ -290,6 +291,12 @@ def _output(args, result) -> None:
             if row["interrupted"]:
                 print(f"{'':14} INTERRUPTED during its {row['interrupted']} phase: run `xllm-port recover "
                       f"--target {args.target}` (or apply, which recovers first)")
+            for process in row.get("graph_counters", []):
+                when = dt.datetime.fromtimestamp(process["updated"]).isoformat(timespec="seconds")
+                state = "running" if process["running"] else "exited"
+                for name, c in process["runners"].items():
+                    print(f"{'':14} graphs of process {process['pid']} ({state}, {when}): {name}: {c['captures']} "
+                          f"captures, {c['replays']} replays, {c['eager_calls']} eager calls")
     elif args.command == "bench":
         from .. import bench, bench_decode, bench_spec
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import flags, nvtx
+from .. import flags, nvtx, published_counters
 from . import checks, series, target
 from .errors import StepFailed, UsageError
 from .transaction import Interrupted, Transaction, signal_name
@@ -273,7 +273,9 @@ def recover(target_dir: Path, progress: Progress) -> list[StepReport]:
 
 def status(target_dir: Path, series_dir: Path) -> list[dict]:
     """Each step: applied or not, its commit, its flag's value for the target, its last verification,
-    and whether a run was interrupted in it (``interrupted``: its phase, to finish with ``recover``)."""
+    and whether a run was interrupted in it (``interrupted``: its phase, to finish with ``recover``);
+    the step whose flag is ``cuda_graph`` also has ``graph_counters``: the CUDA-graph counters that
+    processes using the target's flags file published (``xllm_sampling.published_counters``)."""
     steps = series.load(series_dir)
     with target.open_repo(target_dir) as repo:
         applied = target.applied_steps(repo)
@@ -281,6 +283,7 @@ def status(target_dir: Path, series_dir: Path) -> list[dict]:
         state = target.read_state(repo)["steps"]
         branch = repo.active_branch.name if repo.head.is_valid() and not repo.head.is_detached else "(none)"
         journal = Transaction(repo, "status").pending()
+        counters = published_counters.read(target.flags_file(repo).parent)
     rows = []
     for step in steps:
         last = state.get(step.name, {})
@@ -289,5 +292,5 @@ def status(target_dir: Path, series_dir: Path) -> list[dict]:
             "step": step.name, "applied": step.name in applied, "commit": applied.get(step.name),
             "flag": step.flag, "flag_value": values[step.flag], "branch": branch,
             "last_verification": last, "interrupted": interrupted,
-        })
+        } | ({"graph_counters": counters} if step.flag == "cuda_graph" else {}))
     return rows
