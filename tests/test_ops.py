@@ -1,12 +1,13 @@
 """The ops on their own: bad input, the generator, parity of fast and original paths, the graph runner."""
 import json
+import os
 
 import pytest
 import torch
 
 import xllm_sampling as xs
 from xllm_sampling import flags, rng, tolerances
-from xllm_sampling import GraphRunner
+from xllm_sampling import GraphRunner, published_counters
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -148,6 +149,12 @@ def test_graph_counters_add_up_by_name_and_are_published_beside_the_flags_file(t
     published = json.loads(cuda_graph.counters_file().read_text())
     assert cuda_graph.counters_file().parent == tmp_path / "graph_counters"
     assert published["runners"]["counted"]["eager_calls"] == 5
+    folder = cuda_graph.counters_file().parent
+    os.utime(cuda_graph.counters_file(), (1, 1))  # older than the files below
+    for pid in range(2 ** 22 + 1, 2 ** 22 + 12):  # exited processes' files (pids above Linux's limit)
+        (folder / f"{pid}.json").write_text("{}")
+    published_counters.prune(folder, keep=8)  # the 8 newest stay, and this running process's file
+    assert len(list(folder.glob("*.json"))) == 9 and cuda_graph.counters_file().exists()
     monkeypatch.setattr(cuda_graph, "PUBLISH_EVERY_S", 1e9)
     first(torch.ones(2, 3))  # within PUBLISH_EVERY_S of the last publication: not written again
     assert json.loads(cuda_graph.counters_file().read_text())["runners"]["counted"]["eager_calls"] == 5

@@ -3,7 +3,9 @@
 
 A process whose flags come from a target's flags file (``XLLM_SAMPLING_FLAGS_FILE``) writes
 ``graph_counters/<pid>.json`` beside it (``xllm_sampling.ops.cuda_graph.publish``): its pid, when
-it wrote, and each GraphRunner name's captures, replays and eager calls.
+it wrote, and each GraphRunner name's captures, replays and eager calls. The verify runs of
+``xllm-port`` (processes with that flags file too) publish theirs as well; the folder keeps the
+newest KEEP files plus those of running processes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 
 DIR_NAME = "graph_counters"
+KEEP = 8  # files of exited processes beyond the newest KEEP are removed when a process first publishes
 
 
 def path_for(flags_file: str | os.PathLike, pid: int) -> Path:
@@ -42,3 +45,17 @@ def read(folder: Path) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(rows, key=lambda r: -r["updated"])
+
+
+def prune(counters_dir: Path, keep: int = KEEP) -> None:
+    """Remove the files of exited processes beyond the newest ``keep`` in ``counters_dir``."""
+    try:
+        files = sorted(counters_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for path in files[keep:]:
+        try:
+            if not path.stem.isdigit() or not _running(int(path.stem)):
+                path.unlink()
+        except OSError:
+            continue

@@ -64,9 +64,12 @@ def publish(force: bool = False) -> None:
     path = counters_file()
     if path is None:
         return
+    first = _last_publish[0] == 0.0
     _last_publish[0] = now
     try:
         path.parent.mkdir(exist_ok=True)
+        if first:
+            published_counters.prune(path.parent)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "updated": time.time(), "runners": graph_counters()}))
         os.replace(tmp, path)
