@@ -1,13 +1,14 @@
 """The ops on their own: bad input, the generator, parity of fast and original paths, the graph runner."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
 import xllm_sampling as xs
 from xllm_sampling import flags, rng, tolerances
-from xllm_sampling import GraphRunner, published_counters
+from xllm_sampling import GraphRunner, StaticStep, published_counters
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -212,6 +213,35 @@ def test_graph_capture_failure_falls_back_with_one_warning():
     # torch's CUDA generator still works outside graphs after the failed capture
     assert torch.randn(3, device="cuda").isfinite().all()
     assert torch.multinomial(torch.ones(2, 4, device="cuda"), 1).shape == (2, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_step_replays_and_falls_back_with_one_warning_on_a_failed_capture(device):
+    """A capturable step: eager once, then captured and replayed, each call's result right; a step
+    that cannot be captured (a host read on a GPU; no GPU at all on CPU): one warning, every call
+    run eagerly, none lost."""
+    x = torch.arange(6.0, device=device)
+    scale = torch.ones(1, device=device)
+    capturable = StaticStep(lambda: x * scale, cuda=device == "cuda", name="scaled")
+    with flags.override(cuda_graph=True):
+        for k in range(1, 5):
+            scale.fill_(k)
+            assert torch.equal(capturable(), x * k)
+    expected = (1, 1, 3) if device == "cuda" else (0, 4, 0)  # captures, eager calls, replays
+    assert (capturable.captures, capturable.eager_calls, capturable.replays) == expected
+    out = torch.empty_like(x)
+    failing = StaticStep(lambda: out.copy_(x * float(scale.sum())), cuda=True, name="host_read")
+    with flags.override(cuda_graph=True):
+        scale.fill_(1)
+        assert torch.equal(failing(), x)  # the warm-up: eager
+        scale.fill_(2)
+        with pytest.warns(RuntimeWarning, match="capture of host_read failed"):
+            assert torch.equal(failing(), 2 * x)
+        scale.fill_(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            assert torch.equal(failing(), 3 * x)
+    assert (failing.captures, failing.eager_calls, failing.replays) == (0, 3, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

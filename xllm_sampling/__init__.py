@@ -6,7 +6,8 @@ The seven steps, in the order the series applies them:
 2. :func:`air_topk_last_dim` - radix-select top-k with workspace and output caches;
 3. :func:`sample` - sorting-free sampling with a counter-based generator;
 4. :func:`beam_search_step` - one beam-search step (transformers' semantics) on device state;
-5. :class:`GraphRunner` - CUDA-graph capture of the sampling step;
+5. :class:`GraphRunner` - CUDA-graph capture of the sampling step (:class:`StaticStep`: of a
+   model's decode step);
 6. :mod:`xllm_sampling.nvtx` - NVTX ranges (flag ``nvtx``, off by default);
 7. :func:`rejection_sample` - speculative decoding's rejection sampler (a torch loop, the loop
    under ``torch.compile``, one CUDA kernel for the whole batch).
@@ -30,6 +31,7 @@ _EXPORTS = {
     "BeamSearchState": "beam_search",
     "GraphRunner": "cuda_graph",
     "graph_counters": "cuda_graph",
+    "StaticStep": "cuda_graph",
     "rejection_sample": "spec_decode",
     "SpecDecodeOutput": "spec_decode",
 }

@@ -1,4 +1,4 @@
-"""Parity of step cuda_graph: the engine's graph-replayed sampling step against eager, bit for bit."""
+"""Parity of step cuda_graph: the engine's graph-replayed sampling and decode steps against eager, bit for bit."""
 import pytest
 import torch
 
@@ -24,10 +24,13 @@ def test_graph_equals_eager(device, batch, temperature):
     assert torch.equal(graphed["logprobs"], eager["logprobs"])
     runners = list(engine._sample_graphs.values())
     assert runners, "Engine.sample_step does not go through xllm_sampling.GraphRunner"
+    decode = engine._decode_steps[batch][3]  # the model's decode step (an xllm_sampling.StaticStep)
     if device == "cuda":
         assert sum(r.replays for r in runners) > 0 and sum(r.captures for r in runners) > 0
+        assert decode.captures == 1 and decode.replays == 8  # 9 decode steps a generation: the first one eager
     else:
         assert sum(r.replays for r in runners) == 0 and sum(r.eager_calls for r in runners) > 0
+        assert decode.replays == 0 and decode.eager_calls == 18  # both generations, eagerly
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -1,4 +1,5 @@
-"""Step 5, ``cuda_graph``: run a sampling step through CUDA graphs, one per batch-size bucket.
+"""Step 5, ``cuda_graph``: run a sampling step through CUDA graphs, one per batch-size bucket,
+and a model's decode step through one graph (:class:`StaticStep`).
 
 :class:`GraphRunner` wraps a function of tensors whose first dim is the batch. On a CUDA
 device, with the ``cuda_graph`` flag on, a batch is padded up to its bucket; the first call of
@@ -105,6 +106,67 @@ def _end_generator_capture() -> None:
         with torch.cuda.graph(graph):
             pass
         graph.reset()
+
+
+class StaticStep:
+    """Replay ``fn()`` from one CUDA graph per value of the step flags: a step with no arguments
+    that works on tensors it holds (static inputs the caller refills before each call, a KV cache
+    it writes in place), such as a model's decode step, returning a tensor or a tuple of tensors.
+
+    The first call with a flags state runs ``fn`` eagerly (the warm-up: kernels built, workspaces
+    made), the second captures it and replays the graph, later calls replay it. The output is the
+    graph's own buffer, rewritten by the next call: read or copy it before then. Eager on CPU
+    (``cuda`` False), with the ``cuda_graph`` flag off, and after a capture failure (one warning,
+    the call run eagerly). Counted like a GraphRunner (``graph_counters``).
+    """
+
+    def __init__(self, fn: Callable, cuda: bool, name: str = "step"):
+        self.fn, self.cuda, self.name = fn, cuda, name
+        self._graphs: dict[tuple, _Captured | None] = {}
+        self._warm: set[tuple] = set()
+        self.captures = self.replays = self.eager_calls = 0
+        _runners.add(self)
+
+    def __call__(self):
+        out = self._run()
+        publish()
+        return out
+
+    def _run(self):
+        key = flags.path_state()
+        if not (self.cuda and flags.enabled("cuda_graph")) or key not in self._warm:
+            self._warm.add(key)
+            self.eager_calls += 1
+            return self.fn()
+        if key not in self._graphs:
+            self._graphs[key] = self._capture()
+            publish(force=True)
+        captured = self._graphs[key]
+        if captured is None:
+            self.eager_calls += 1
+            return self.fn()
+        with nvtx.range("cuda_graph/replay"):
+            captured.graph.replay()
+            self.replays += 1
+            return captured.output
+
+    def _capture(self) -> _Captured | None:
+        with nvtx.range("cuda_graph/capture"):
+            start = time.perf_counter()
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    output = self.fn()
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+                warnings.warn(f"xllm_sampling: CUDA graph capture of {self.name} failed, running it eagerly: {e}",
+                              RuntimeWarning, stacklevel=4)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                    _end_generator_capture()
+                return None
+            self.captures += 1
+            log.info("%s: captured CUDA graph in %.1f ms", self.name, 1e3 * (time.perf_counter() - start))
+            return _Captured(graph, (), output)
 
 
 class GraphRunner:
