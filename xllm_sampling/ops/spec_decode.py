@@ -26,9 +26,9 @@ the acceptance test), while each row's sort, cumulative sums and ``searchsorted`
 calls (torch 2.11's inductor fails to build it on a GPU at V = 151936: docs/steps.md); "kernel",
 ``csrc/spec_decode/`` on a GPU: one launch of one thread-block cluster per request for the whole
 batch, no host synchronisation, temperature only (the filters stay with the torch levels), vocab
-up to the extension's ``max_vocab()``. By default (``level``
-None) the ``spec_decode`` flag chooses: on, "kernel" where it applies (CUDA logits, the extension
-built, no top-k, top-p or min-p, vocab within its limit), else "loop"; off, "loop".
+up to the extension's ``max_vocab()``. By default (``level`` None) the ``spec_decode`` flag
+chooses: on, "kernel" where it applies (CUDA logits, the extension built, no top-k, top-p or
+min-p, vocab within its limit), else "loop"; off, "loop".
 """
 from __future__ import annotations
 
