@@ -108,6 +108,16 @@ def _end_generator_capture() -> None:
         graph.reset()
 
 
+def _capture_failed(what: str, error: Exception) -> None:
+    """One warning that the capture of ``what`` failed and the step runs eagerly; the device left
+    usable (its work finished, torch's generators out of capture mode)."""
+    warnings.warn(f"xllm_sampling: CUDA graph capture of {what} failed, running it eagerly: {error}", RuntimeWarning,
+                  stacklevel=5)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        _end_generator_capture()
+
+
 class StaticStep:
     """Replay ``fn()`` from one CUDA graph per value of the step flags: a step with no arguments
     that works on tensors it holds (static inputs the caller refills before each call, a KV cache
@@ -158,11 +168,7 @@ class StaticStep:
                 with torch.cuda.graph(graph):
                     output = self.fn()
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-                warnings.warn(f"xllm_sampling: CUDA graph capture of {self.name} failed, running it eagerly: {e}",
-                              RuntimeWarning, stacklevel=4)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                    _end_generator_capture()
+                _capture_failed(self.name, e)
                 return None
             self.captures += 1
             log.info("%s: captured CUDA graph in %.1f ms", self.name, 1e3 * (time.perf_counter() - start))
@@ -236,10 +242,7 @@ class GraphRunner:
                 with torch.cuda.graph(graph):
                     output = self.fn(*static)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-                warnings.warn(f"xllm_sampling: CUDA graph capture of {self.name} for batch bucket {bucket} "
-                              f"failed, running it eagerly: {e}", RuntimeWarning, stacklevel=3)
-                torch.cuda.synchronize()
-                _end_generator_capture()
+                _capture_failed(f"{self.name} for batch bucket {bucket}", e)
                 return None
             self.captures += 1
             log.info("%s: captured CUDA graph for batch bucket %d in %.1f ms", self.name, bucket,
