@@ -67,20 +67,23 @@ def run(ks, batches, vocab: int, reps: int, levels, progress: Callable[[str], No
     device_timer = gate.Timer(device, host_overhead=False) if device == "cuda" else None
     header = gate.environment() | {"vocab": vocab, "flashinfer": getattr(fi, "__version__", "not installed")}
     rows = []
+    failed: dict[str, dict] = {}  # a level torch.compile could not build: not tried again (each try takes a minute)
     for batch in batches:
         for k in ks:
             logits, probs, drafts = _inputs(batch, k, vocab, device)
             row = {"k": k, "batch": batch}
             for level in levels:
                 fn = _call(level, fi, logits, probs, drafts)
-                if fn is None:
-                    row[level] = None
+                if fn is None or level in failed:
+                    row[level] = failed.get(level)
                     continue
                 try:
                     fn(), fn()  # warm up (and compile)
                 except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's errors: reported, not fatal
-                    row[level] = {"error": f"{type(getattr(e, 'inner_exception', e)).__name__} in torch.compile"}
-                    progress(f"spec_decode K={k} B={batch} {level}: {str(e).strip().splitlines()[0][:200]}")
+                    row[level] = failed[level] = {
+                        "error": f"{type(getattr(e, 'inner_exception', e)).__name__} in torch.compile"}
+                    progress(f"spec_decode K={k} B={batch} {level}: {str(e).strip().splitlines()[0][:200]}; "
+                             "not tried again")
                     continue
                 row[level] = {"us": statistics.median(timer(fn) for _ in range(reps)),
                               "device_us": statistics.median(device_timer(fn) for _ in range(reps)) if device_timer else None,
