@@ -193,6 +193,34 @@ def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call():
     assert runner.captures == 2 and runner.replays == 4
 
 
+def test_nvtx_each_opens_one_range_per_item_and_closes_it_when_the_loop_breaks(monkeypatch):
+    from xllm_sampling import nvtx
+
+    events = []
+
+    class Recorder:
+        def push_range(self, message, domain):
+            events.append(("push", message, domain))
+
+        def pop_range(self, domain):
+            events.append(("pop", domain))
+
+    monkeypatch.setattr(nvtx, "_nvtx", lambda: Recorder())
+    push, pop = ("push", "xllm_sampling/decode_step", "xllm_sampling"), ("pop", "xllm_sampling")
+    with flags.override(nvtx=True):
+        for i in nvtx.each(range(2), "decode_step"):
+            events.append(("body", i))
+        assert events == [push, ("body", 0), pop, push, ("body", 1), pop]
+        events.clear()
+        for i in nvtx.each(range(3), "decode_step"):
+            events.append(("body", i))
+            if i == 1:
+                break
+        assert events == [push, ("body", 0), pop, push, ("body", 1), pop]
+    events.clear()
+    assert [i for i in nvtx.each(range(3), "decode_step")] == [0, 1, 2] and events == []  # flag off: no call
+
+
 def test_path_state_follows_every_step_flag_but_graphs_and_nvtx():
     assert flags.path_flags() == ("logit_softmax", "air_topk", "sampler", "beam_search", "spec_decode")
     with flags.override(logit_softmax=True, air_topk=True, sampler=False, beam_search=True, spec_decode=False, nvtx=True):

@@ -50,6 +50,16 @@ class _Range:
         return False
 
 
+def each(items, stage: str):
+    """Yield the items of ``items``, each while its own range ``xllm_sampling/<stage>`` is open: a
+    loop's iterations as ranges (``for step in nvtx.each(range(n), "decode_step"):``), the loop's
+    body left as it is. The range closes when the next item is asked for, or when the loop ends
+    or breaks (the generator is closed); the flag is read at each item."""
+    for item in items:
+        with range(stage):
+            yield item
+
+
 def range(stage: str):  # noqa: A001 - reads as nvtx.range("stage")
     """A context manager for the NVTX range ``xllm_sampling/<stage>``; a no-op while the flag is off."""
     if not flags.enabled("nvtx"):
