@@ -44,3 +44,23 @@ def test_sampler_off_keeps_the_callers_generator(device, graphs):
     assert torch.equal(first["tokens"], second["tokens"])
     assert torch.equal(first["tokens"], reference["tokens"])
     assert sum(r.replays for r in engine.__dict__.get("_sample_graphs", {}).values()) == 0
+
+
+def test_a_failed_decode_capture_falls_back_with_one_warning_and_no_lost_token(device):
+    """The decode step made uncapturable (a host read; on CPU the capture is tried and fails for
+    want of a GPU): one warning, every step run eagerly, the tokens of an eager generation."""
+    import warnings
+
+    engine = Engine(device=device)
+    eager = generate(engine, 3, 0.8, False)
+    step = engine._decode_steps[3][3]
+    position, capturable = engine._decode_steps[3][2], step.fn
+    step.fn, step.cuda = lambda: (float(position.sum()), capturable())[1], True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = generate(engine, 3, 0.8, True)
+        again = generate(engine, 3, 0.8, True)
+    failures = [w for w in caught if issubclass(w.category, RuntimeWarning) and "capture of decode_step" in str(w.message)]
+    assert len(failures) == 1
+    assert torch.equal(graphed["tokens"], eager["tokens"]) and torch.equal(again["tokens"], eager["tokens"])
+    assert step.captures == 0 and step.replays == 0
