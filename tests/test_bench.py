@@ -104,6 +104,8 @@ def test_decode_bench_switches_the_steps_on_cumulatively(capsys):
         assert r["batch"] == 2 and 0 < r["prefill_ms"] and 0 < r["ttft_ms"] < r["total_ms"] and r["tpot_spread_ms"] >= 0
         assert r["tpot_ms"] > 0 and abs(r["tokens_per_s"] - 2 * long / (r["total_ms"] * 1e-3)) < 1e-6 * r["tokens_per_s"]
         assert r["sampling_share"] > 0 and (r["peak_mib"] is None) == (report["header"]["device"] == "cpu")
+        if report["header"]["device"] == "cpu":  # no graphs on CPU: every step eager
+            assert r["graph_replays"] == 0 and r["graph_eager_calls"] >= 3 * (long - 1)  # 3 runs of 35 decode steps
     assert run(["bench", "--decode", "--batch", "1", "--vocab", "512"]) == 0
     out = capsys.readouterr().out
     assert "all on" in out and "TPOT ms (spread)" in out

@@ -9,7 +9,9 @@ switched on one more at a time, in series order, up to every flag on), ``reps`` 
   * total: a whole generation of LONG tokens; tokens/s = batch x LONG / total;
   * TPOT: (total - TTFT) / (LONG - 1), the decode steps alone;
   * sampling: the engine's sampling step alone on the prefill's logits, and its share of TPOT;
-  * peak GPU memory of the long generation.
+  * peak GPU memory of the long generation;
+  * the CUDA-graph replays and eager calls of the engine's sampling and decode steps over the runs
+    (what the configuration's steps ran as).
 Each figure is the median of the runs, wall clock with the device synchronised (host time
 included); TPOT's spread (largest minus smallest run) is reported beside it.
 """
@@ -121,9 +123,12 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
             for name, values in configs:
                 with flags.override(**values):
                     engine.generate(prompts, LONG, params)  # warm up: kernels built, graphs captured
+                    before = _graph_calls()
                     runs = [_one_run(engine, model, prompts, params, device) for _ in range(reps)]
+                    replays, eager = (a - b for a, b in zip(_graph_calls(), before))
                 row = {key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
                        for key in runs[0]}
+                row.update(graph_replays=replays, graph_eager_calls=eager)
                 tpots = [r["tpot_ms"] for r in runs]
                 row.update(config=name, batch=batch, tpot_spread_ms=max(tpots) - min(tpots),
                            tokens_per_s=batch * LONG / (row["total_ms"] * 1e-3),
@@ -133,6 +138,15 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
                          f"TPOT {row['tpot_ms']:.2f} ms")
     return {"header": gate.environment() | {"preset": preset, "vocab": vocab, "tokens": LONG, "prompt": 8, "runs": reps},
             "decode": rows}
+
+
+def _graph_calls() -> tuple[int, int]:
+    """Replays and eager calls of every CUDA-graph runner of the process so far (the engine's
+    sampling and decode steps): the difference over a configuration's runs shows what its steps ran as."""
+    from .ops.cuda_graph import graph_counters
+
+    counts = graph_counters().values()
+    return sum(c["replays"] for c in counts), sum(c["eager_calls"] for c in counts)
 
 
 BEAMS, BEAM_TOKENS = 4, 32  # beam width and new tokens of the timed searches (no EOS: every search runs 32 steps)
@@ -183,12 +197,12 @@ def table(report: dict) -> str:
     lines = [f"# decode, reference engine ({h['preset']}) with the series, vocab {h['vocab']}, prompt {h['prompt']}, "
              f"{h['tokens']} new tokens, median of {h['runs']} runs; {h.get('gpu', 'CPU')}; torch {h['torch']}",
              f"{'B':>4} {'configuration':16} {'TTFT ms':>8} {'prefill':>8} {'TPOT ms (spread)':>18} {'total ms':>9} "
-             f"{'tok/s':>9} {'peak MiB':>9} {'sampling':>9}"]
+             f"{'tok/s':>9} {'peak MiB':>9} {'sampling':>9} {'graph replays / eager calls':>28}"]
     for r in report["decode"]:
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(f"{r['batch']:>4} {r['config']:16} {r['ttft_ms']:8.2f} {r['prefill_ms']:8.2f} "
                      f"{r['tpot_ms']:9.3f} ({r['tpot_spread_ms']:5.3f}) {r['total_ms']:9.1f} {r['tokens_per_s']:9.0f} "
-                     f"{peak:>9} {100 * r['sampling_share']:8.1f}%")
+                     f"{peak:>9} {100 * r['sampling_share']:8.1f}% {r['graph_replays']:>13} / {r['graph_eager_calls']:<12}")
     return "\n".join(lines)
 
 
