@@ -23,6 +23,7 @@
 #include "dependent_launch.cuh"
 #include "rank_key.cuh"
 #include "vector_load.cuh"
+#include "warp_reduce.cuh"
 
 namespace xllm::beam {
 
@@ -84,11 +85,7 @@ __device__ uint64_t kth_largest(const uint64_t* keys, int n, int k, Select& s) {
       const int lane = threadIdx.x;
       int own = 0;
       for (int j = 0; j < 8; ++j) own += s.hist[255 - 8 * lane - j];
-      int inclusive = own;
-      for (int off = 1; off < 32; off <<= 1) {
-        const int o = __shfl_up_sync(kFull, inclusive, off);
-        if (lane >= off) inclusive += o;
-      }
+      const int inclusive = warp_inclusive_scan(own, lane);
       int above = inclusive - own;
       if (above < k && k <= inclusive) {
         for (int j = 0; j < 8; ++j) {

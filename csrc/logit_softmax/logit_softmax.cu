@@ -25,10 +25,13 @@
 #include "launch_helpers.cuh"
 #include "row_barrier.cuh"
 #include "vector_load.cuh"
+#include "warp_reduce.cuh"
 
 namespace cg = cooperative_groups;
 
 namespace {
+
+using xllm::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kMaxCluster = 16;                   // non-portable cluster size, allowed on H100
@@ -88,11 +91,6 @@ __device__ __forceinline__ float nan_max(float m, float x) { return (x > m || x 
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffff, v, off));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
   return v;
 }
 

@@ -33,6 +33,7 @@
 #include "philox.cuh"
 #include "rank_key.cuh"
 #include "vector_load.cuh"
+#include "warp_reduce.cuh"
 
 namespace xllm::sampler {
 
@@ -66,19 +67,6 @@ struct Args {
   int64_t* tokens;  // (batch,) out
   float* logprobs;  // (batch,) out
 };
-
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return v;
-}
-
-__device__ __forceinline__ double warp_inclusive_scan(double v, int lane) {
-  for (int off = 1; off < 32; off <<= 1) {
-    const double o = __shfl_up_sync(kFull, v, off);
-    if (lane >= off) v += o;
-  }
-  return v;
-}
 
 // Thread t's stretch of a chunk of n elements: contiguous (so that the draw's running mass
 // goes in vocabulary order), of an odd length (strided shared-memory reads without bank conflicts).
@@ -286,11 +274,7 @@ __device__ int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, 
         mine = count[j];
       }
     }
-    int inclusive = mine;
-    for (int off = 1; off < 32; off <<= 1) {
-      const int o = __shfl_up_sync(kFull, inclusive, off);
-      if (lane >= off) inclusive += o;
-    }
+    const int inclusive = warp_inclusive_scan(mine, lane);
     const int total = __shfl_sync(kFull, inclusive, 31);
     if (lane < kMaxCluster) sh.gather_offset[lane + 1] = inclusive;
     if (lane == 0) {

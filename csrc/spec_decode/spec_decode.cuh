@@ -35,6 +35,7 @@
 #include "per_row.cuh"
 #include "philox.cuh"
 #include "vector_load.cuh"
+#include "warp_reduce.cuh"
 
 namespace xllm::spec {
 
@@ -193,19 +194,6 @@ struct Residual {
     return q > pj ? q - pj : 0.0;
   }
 };
-
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return v;
-}
-
-__device__ __forceinline__ double warp_inclusive_scan(double v, int lane) {
-  for (int off = 1; off < 32; off <<= 1) {
-    const double o = __shfl_up_sync(kFull, v, off);
-    if (lane >= off) v += o;
-  }
-  return v;
-}
 
 // Warp 0: from the blocks' masses of exchange `slot` (lane r: block r's, in cluster order, so the
 // same in every block), the block where the running mass first exceeds u times the total (the
