@@ -1,4 +1,4 @@
-// Warp-wide sum and inclusive prefix sum, shared by the steps' kernels (torch-free). Every lane
+// Warp-wide sum, max and inclusive prefix sum, shared by the steps' kernels (torch-free). Every lane
 // of the warp must call them (full-mask shuffles).
 #pragma once
 
@@ -8,6 +8,12 @@ namespace xllm {
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The largest v over the warp's lanes, in every lane (fmaxf: a NaN lane is passed over).
+__device__ __forceinline__ float warp_fmax(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 

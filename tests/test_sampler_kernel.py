@@ -114,6 +114,43 @@ def test_same_request_same_token_in_any_row_of_any_batch():
                 assert xs.sample(logits, seed=seeds, position=pos, **kw).tokens[row].item() == alone[p], (kw, batch)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("vocab", [1000, 32001, 151936])
+def test_unfiltered_rows_draw_the_same_token_in_either_kernel(temperature, vocab):
+    """A batch whose settings are numbers without filters or penalties takes the streaming kernel
+    (stream_sampling.cuh), a batch with a per-row top_k the caching one (sampling.cuh): an
+    unfiltered request draws the same token in both (the same tile weights; only the order of
+    float64 sums differs) and the same logprob up to float32 rounding of float64 values within 1e-15."""
+    batch = 64
+    logits = torch.randn(batch, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(vocab)) * 3
+    kw = dict(temperature=temperature, seed=torch.arange(batch, device="cuda") * 7 + 1,
+              position=torch.arange(batch, device="cuda") + 50)
+    streamed = xs.sample(logits, **kw)
+    top_k = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    top_k[::2] = 20  # even rows filtered: the batch takes the caching kernel; odd rows stay unfiltered
+    cached = xs.sample(logits, top_k=top_k, **kw)
+    assert torch.equal(streamed.tokens[1::2], cached.tokens[1::2])
+    a, b = streamed.logprobs[1::2].double(), cached.logprobs[1::2].double()
+    assert ((a - b).abs() <= 2e-7 * b.abs().clamp(min=1)).all()
+
+
+def launched_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_unfiltered_batches_take_the_streaming_kernel():
+    logits = torch.randn(256, 151936, device="cuda")
+    for kw in (dict(), dict(temperature=0.0), dict(temperature=torch.rand(256, device="cuda"), top_k=0, top_p=1.0)):
+        names = launched_kernels(lambda: xs.sample(logits, **kw))
+        assert len(names) == 1 and "stream_sample_kernel" in names[0], (kw, names)
+    for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.1), dict(top_k=torch.zeros(256, dtype=torch.int64, device="cuda"))):
+        names = launched_kernels(lambda: xs.sample(logits, **kw))
+        assert len(names) == 1 and "stream_sample_kernel" not in names[0], (kw, names)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(top_k=6), dict(top_p=0.7), dict(top_k=10, top_p=0.9, min_p=0.1),
                                 dict(temperature=0.6, min_p=0.2),
                                 dict(penalties=(0.4, 0.3, 1.5)), dict(penalties=(0.2, 0.0, 1.2), top_p=0.8)])
@@ -198,11 +235,12 @@ def test_penalties_match_the_torch_path_including_long_lists():
         assert torch.equal(xs.sample(logits, **kw).tokens, torch_path(logits, **kw).tokens)
 
 
-def test_graph_replay_equals_eager():
+@pytest.mark.parametrize("filters", [dict(top_k=50, top_p=0.9, temperature=0.8), dict(temperature=0.8)])
+def test_graph_replay_equals_eager(filters):
     batch, vocab = 4, 151936
     logits = torch.randn(batch, vocab, device="cuda")
     position = torch.zeros(batch, dtype=torch.int64, device="cuda")
-    kw = dict(top_k=50, top_p=0.9, temperature=0.8, seed=torch.arange(batch, device="cuda"), position=position)
+    kw = dict(filters, seed=torch.arange(batch, device="cuda"), position=position)
     xs.sample(logits, **kw)  # build and configure outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

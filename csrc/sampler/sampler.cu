@@ -6,6 +6,7 @@
 #include "launch_helpers.cuh"
 #include "per_row_args.h"
 #include "sampler/sampling.cuh"
+#include "sampler/stream_sampling.cuh"
 
 torch::Tensor uniform(torch::Tensor seed, torch::Tensor position, int64_t stream);
 
@@ -20,11 +21,12 @@ constexpr int64_t kChunkBytes = 40 * 1024;     // cached floats per block where 
 constexpr int64_t kMaxChunkBytes = 100 * 1024;  // the most one block caches
 constexpr int64_t kMinChunk = 1024;             // rows are not split finer than this (elements)
 constexpr int64_t kPenaltyBytes = 2 * s::kPenaltySlots * sizeof(int);
+static_assert(kMaxChunkBytes / 4 <= s::kMaxTiles * s::kTile, "a chunk's tiles fit Shared::tile_ref");
 
 // Blocks per row: the fewest whose chunk fits kChunkBytes, doubled while the batch leaves SMs
 // idle; 0 when a row does not fit 16 blocks' shared memory.
-int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
-  auto chunk = [&](int cs) { return round_up((vocab + cs - 1) / cs, vec); };
+int cluster_size(int sms, int64_t batch, int64_t vocab) {
+  auto chunk = [&](int cs) { return round_up((vocab + cs - 1) / cs, s::kTile); };
   int cs = 1;
   while (cs < s::kMaxCluster && chunk(cs) * 4 > kChunkBytes) cs *= 2;
   if (chunk(cs) * 4 > kMaxChunkBytes) return 0;
@@ -33,15 +35,23 @@ int cluster_size(int sms, int64_t batch, int64_t vocab, int vec) {
   return cs;
 }
 
+// Blocks per row of the streaming kernel: the fewest whose chunks have at most kStreamMaxTiles
+// tiles, doubled while the grid stays within one wave (two blocks per SM) and every other warp
+// keeps a tile; 0 when a row needs more than 16 blocks.
+int stream_cluster_size(int sms, int64_t batch, int64_t vocab) {
+  auto tiles = [&](int cs) { return ((vocab + cs - 1) / cs + s::kTile - 1) / s::kTile; };
+  int cs = 1;
+  while (cs < s::kMaxCluster && tiles(cs) > s::kStreamMaxTiles) cs *= 2;
+  if (tiles(cs) > s::kStreamMaxTiles) return 0;
+  while (cs < s::kMaxCluster && batch * 2 * cs <= 2 * sms && 2 * tiles(2 * cs) >= s::kStreamWarps) cs *= 2;
+  while (cs > 1 && (cs - 1) * tiles(cs) * s::kTile >= vocab) cs /= 2;  // no block without elements
+  return cs;
+}
+
 // One launch per 65535 rows (the grid's y limit), each with its rows' pointers.
-template <typename T, int VEC, bool PENALTY>
-void launch(const torch::Tensor& logits, s::Args args, int cs) {
-  constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
+template <auto kernel, typename T>
+void launch_rows(const torch::Tensor& logits, s::Args args, int cs, int threads, int64_t shared) {
   constexpr int64_t kMaxRows = 65535;
-  constexpr int64_t kListBytes = s::kGather * sizeof(uint64_t);
-  const int64_t shared = s::list_offset(args.chunk) * 4 + kListBytes + (PENALTY ? kPenaltyBytes : 0);
-  xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kListBytes + kPenaltyBytes),
-                               /*nonportable_clusters=*/true);
   const int64_t batch = logits.size(0);
   for (int64_t start = 0; start < batch; start += kMaxRows) {
     s::Args part = args;
@@ -58,9 +68,26 @@ void launch(const torch::Tensor& logits, s::Args args, int cs) {
     part.tokens = args.tokens + start;
     part.logprobs = args.logprobs + start;
     const unsigned rows = static_cast<unsigned>(std::min(kMaxRows, batch - start));
-    xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, rows), dim3(s::kThreads), static_cast<size_t>(shared),
+    xllm::launch_with(xllm::cluster_of(cs), kernel, dim3(cs, rows), dim3(threads), static_cast<size_t>(shared),
                       reinterpret_cast<const T*>(logits.data_ptr()) + start * args.vocab, part);
   }
+}
+
+template <typename T, int VEC, bool PENALTY>
+void launch(const torch::Tensor& logits, s::Args args, int cs) {
+  constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
+  constexpr int64_t kListBytes = s::kGather * sizeof(uint64_t);
+  const int64_t shared = s::list_offset(args.chunk) * 4 + kListBytes + (PENALTY ? kPenaltyBytes : 0);
+  xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kListBytes + kPenaltyBytes),
+                               /*nonportable_clusters=*/true);
+  launch_rows<kernel, T>(logits, args, cs, s::kThreads, shared);
+}
+
+template <typename T, int VEC>
+void launch_stream(const torch::Tensor& logits, s::Args args, int cs) {
+  constexpr auto kernel = s::stream_sample_kernel<T, VEC>;
+  xllm::configure_once<kernel>(logits.get_device(), 0, /*nonportable_clusters=*/true);
+  launch_rows<kernel, T>(logits, args, cs, s::kStreamThreads, 0);
 }
 
 }  // namespace
@@ -70,16 +97,25 @@ int64_t max_vocab() { return s::kMaxCluster * (kMaxChunkBytes / 4); }
 
 namespace {
 
+// Rows without filters or penalties (every row: the settings are numbers) take the streaming
+// kernel, the others the caching one; both draw the same tokens.
 template <typename T>
-void dispatch(const torch::Tensor& logits, s::Args args, bool penalty) {
+void dispatch(const torch::Tensor& logits, s::Args args, bool penalty, bool unfiltered) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool aligned = vocab % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
-  const int vec = aligned ? kVec : 1;
-  const int cs = cluster_size(sms, batch, vocab, vec);
+  if (unfiltered) {
+    const int cs = stream_cluster_size(sms, batch, vocab);
+    if (cs > 0) {
+      args.chunk = round_up((vocab + cs - 1) / cs, s::kTile);
+      aligned ? launch_stream<T, kVec>(logits, args, cs) : launch_stream<T, 1>(logits, args, cs);
+      return;
+    }
+  }
+  const int cs = cluster_size(sms, batch, vocab);
   TORCH_CHECK(cs > 0, "sample: vocab ", vocab, " above the kernel's ", max_vocab());
-  args.chunk = round_up((vocab + cs - 1) / cs, vec);
+  args.chunk = round_up((vocab + cs - 1) / cs, s::kTile);
   if (aligned) {
     penalty ? launch<T, kVec, true>(logits, args, cs) : launch<T, kVec, false>(logits, args, cs);
   } else {
@@ -128,11 +164,13 @@ void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, doub
   args.repetition = per_row(repetition, f32(repetition_scalar), batch, torch::kFloat32, "repetition_penalty");
   args.tokens = tokens.data_ptr<int64_t>();
   args.logprobs = logprobs.data_ptr<float>();
+  const bool unfiltered = !penalty && !top_k.has_value() && (top_k_scalar <= 0 || top_k_scalar >= args.vocab) &&
+                          !top_p.has_value() && args.top_p.scalar >= 1.f && !min_p.has_value() && args.min_p.scalar <= 0.f;
   const c10::cuda::CUDAGuard guard(logits.device());
   switch (logits.scalar_type()) {
-    case torch::kFloat32: dispatch<float>(logits, args, penalty); break;
-    case torch::kBFloat16: dispatch<__nv_bfloat16>(logits, args, penalty); break;
-    case torch::kFloat16: dispatch<__half>(logits, args, penalty); break;
+    case torch::kFloat32: dispatch<float>(logits, args, penalty, unfiltered); break;
+    case torch::kBFloat16: dispatch<__nv_bfloat16>(logits, args, penalty, unfiltered); break;
+    case torch::kFloat16: dispatch<__half>(logits, args, penalty, unfiltered); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
 }

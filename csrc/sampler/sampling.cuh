@@ -5,7 +5,10 @@
 //
 // Per row, on the cached chunk (x: the processed logits, penalties applied, -0 made +0):
 //  1. max, lowest-index argmax, NaN / +inf flags (invalid row: token -1, logprob NaN);
-//  2. S = sum of w = 2^((x - max) * log2(e) / t); temperature 0 is greedy: the argmax;
+//  2. S = sum of w = 2^((x - max) * log2(e) / t); temperature 0 is greedy: the argmax. Rows
+//     without top-k, top-p or min-p compute w per tile as stream_sampling.cuh does
+//     (tile_weight.cuh), so that an unfiltered request draws the same token in either kernel;
+//     the others as 2^((x - max) c) in float32;
 //  3. top-k: the k-th key by a radix select (8-bit digits of x's order-preserving bits, four
 //     rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
 //     indices. min-p keeps w >= min_p (w of the max is 1). Both are prefixes of the ranking
@@ -32,6 +35,7 @@
 #include "per_row.cuh"
 #include "philox.cuh"
 #include "rank_key.cuh"
+#include "sampler/tile_weight.cuh"
 #include "vector_load.cuh"
 #include "warp_reduce.cuh"
 
@@ -48,6 +52,7 @@ constexpr int kPenaltySlots = 2048;                   // per-block hash table of
 constexpr int kMaxPenaltyTokens = kPenaltySlots / 2;  // generated tokens per row the kernel takes
 constexpr int kLevels = 7;                            // top-k bound: w >= 2^-(2^j), j < kLevels
 constexpr int kGather = 512;                          // top-k candidates ranked in every block at most
+constexpr int kMaxTiles = 64;                         // tiles of a block's chunk (tile_weight.cuh) at most
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -58,7 +63,7 @@ __host__ __device__ constexpr int64_t list_offset(int64_t chunk) { return (chunk
 using xllm::PerRow;
 
 struct Args {
-  int64_t vocab, chunk;  // chunk: elements per block (a multiple of the vector width)
+  int64_t vocab, chunk;  // chunk: elements per block (a multiple of kTile)
   PerRow<float> temperature, top_p, min_p;
   PerRow<int64_t> top_k, seed, position;
   const int64_t* penalty_tokens;  // (batch, penalty_len) generated tokens, -1 padding; null: none
@@ -102,6 +107,8 @@ struct Shared {
   uint64_t kth;
   int digit_target, eq_before, eq_own, chosen_block, walk_result, chosen_index;
   float chosen_value;
+  float tile_ref[kMaxTiles];     // unfiltered rows: the chunk's tiles' tile_reference
+  double tile_scale[kMaxTiles];  // and tile_scale
 };
 
 // Each thread's sums of weight(i, x) over its range, four elements at a time into independent
@@ -516,7 +523,29 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const bool greedy = t == 0.f;
   const float c = kLog2e / (greedy ? 1.f : t);
   const bool invalid = sh.invalid;
-  auto w_of = [&](float v) { return exp2f((v - row_max) * c); };
+  const int64_t k = a.top_k[row];
+  const bool k_on = k > 0 && k < vocab;
+  const float top_p = a.top_p[row], min_p = a.min_p[row];
+  const bool tiled = !greedy && !k_on && top_p >= 1.f && min_p <= 0.f;  // greedy: the weights give only the logprob
+  if (tiled && !invalid) {  // each tile's reference and scale, a warp per tile
+    for (int tl = warp; tl * kTile < n; tl += kWarps) {
+      float m = -INFINITY;
+      for (int i = tl * kTile + lane; i < min(n, (tl + 1) * kTile); i += 32) m = fmaxf(m, cache[i]);
+      m = warp_fmax(m);
+      if (lane == 0) {
+        sh.tile_ref[tl] = tile_reference(m);
+        sh.tile_scale[tl] = tile_scale(m, row_max, c);
+      }
+    }
+    __syncthreads();
+  }
+  // Weights: tiled rows' (tile_weight.cuh), the others' (their passes instantiated apart, so
+  // that the filtered rows' per-element work has no branch).
+  auto w_tiled = [&](int i, float v) {
+    const int tl = i >> kTileShift;
+    return static_cast<double>(tile_weight(v, sh.tile_ref[tl], c)) * sh.tile_scale[tl];
+  };
+  auto w_of = [&](int, float v) { return static_cast<double>(exp2f((v - row_max) * c)); };
   // Exchange: this block's mass in sh.slot[phase]; after it, block r's in sh.block_mass[r] and
   // the row's total (and of mass2) returned to every thread.
   auto exchange_mass = [&](double mass, double mass2, double* total2) {
@@ -544,15 +573,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 
   // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies. The top-k
   // bound's level counts travel with this exchange.
-  const int64_t k = a.top_k[row];
-  const bool k_on = k > 0 && k < vocab;
   if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, sh.hist[1]);
   const double row_sum =
-      invalid ? 0.0 : exchange_mass(block_mass(cache, n, sh, [&](int, float v) { return static_cast<double>(w_of(v)); }), 0.0, nullptr);
+      invalid ? 0.0
+              : exchange_mass(tiled ? block_mass(cache, n, sh, w_tiled) : block_mass(cache, n, sh, w_of), 0.0, nullptr);
   bool done = invalid || greedy;
 
   // 3. Candidates: top-k (radix select), min-p.
-  const float top_p = a.top_p[row], min_p = a.min_p[row];
   uint32_t kth_key = 0;
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
   if (!done && k_on) tie_cut = top_k_cut(cluster, cache, n, begin, k, row_max, c, list, sh, &kth_key);
@@ -565,8 +592,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     // One pass: the candidates' mass (whose thread parts the first draw's walk reads) and the top-k mass.
     const Pair mine = block_mass<Pair>(cache, n, sh, [&](int i, float v) {
       if (!in_top_k(i, v)) return Pair{0.0, 0.0};
-      const float w = w_of(v);
-      return Pair{w >= min_p ? static_cast<double>(w) : 0.0, static_cast<double>(w)};
+      const double w = w_of(i, v);
+      return Pair{w >= min_p ? w : 0.0, w};
     });
     double tk;
     exchange_mass(mine.a, mine.b, &tk);
@@ -581,8 +608,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const int gi = static_cast<int>(begin) + i;
     const bool above_pivot = pivot < 0 || v > pivot_value || (v == pivot_value && gi < pivot);
     if (!above_pivot || !in_top_k(i, v)) return 0.0;
-    const float w = w_of(v);
-    return w >= min_p ? static_cast<double>(w) : 0.0;
+    const double w = w_of(i, v);
+    return w >= min_p ? w : 0.0;
   };
   int token = sh.argmax;
   float token_value = row_max;
@@ -599,7 +626,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     }
     __syncthreads();
     if (static_cast<int>(rank) == sh.chosen_block) {
-      const int i = walk(cache, n, sh.total, sh, weight);
+      const int i = tiled ? walk(cache, n, sh.total, sh, w_tiled) : walk(cache, n, sh.total, sh, weight);
       if (tid == 0) {
         sh.slot[phase].index = static_cast<int>(begin) + i;
         sh.slot[phase].value = cache[i];

@@ -17,8 +17,10 @@ Semantics, every path:
 
 Flag ``sampler`` on: the draw of ``csrc/sampler/sampling.cuh`` (the module docstring of that
 header has the method): the candidates' mass in vocabulary order, a float64 uniform from Philox
-keyed by (seed, position, round), and top-p by rejection over pivots. On a GPU it is one kernel
-launch with no host synchronisation (capturable in a CUDA graph); elsewhere the same algorithm
+keyed by (seed, position, round), and top-p by rejection over pivots; batches without filters or
+penalties take ``csrc/sampler/stream_sampling.cuh``, one streaming read of the logits, with the
+same tokens. On a GPU it is one kernel launch with no host synchronisation (capturable in a CUDA
+graph); elsewhere the same algorithm
 in torch (:func:`draw`), which draws the same tokens up to float rounding at a boundary. A
 request's tokens depend on its seed and position only, never on its row or batch.
 Flag off: the original sort-based sampler (``torch.multinomial`` with ``generator``).
@@ -32,6 +34,7 @@ import torch
 from .. import _checks, flags, kernels, nvtx, rng
 
 LOG2E = 1.4426950408889634
+TILE = 512  # unfiltered rows' weights are computed per vocabulary-aligned tile of TILE tokens (_tile_weights)
 MAX_ROUNDS = 32  # top-p rejection rounds at most (each shrinks the candidates; then the argmax)
 KERNEL_MAX_PENALTY_TOKENS = 1024  # longer generated-token lists are counted in torch first
 
@@ -198,6 +201,22 @@ def _first_above(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(index < weight.shape[1], index, last).clamp(max=weight.shape[1] - 1)
 
 
+def _tile_weights(x: torch.Tensor, row_max: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The float64 weights 2^((x - row max) c) of rows without filters, as both kernels compute
+    them (csrc/sampler/tile_weight.cuh): 2^((x - tile max) c) in float32 times the tile's float64
+    2^((tile max - row max) c), over vocabulary-aligned tiles of TILE tokens. (Filtered rows:
+    2^((x - row max) c) in float32.)"""
+    batch, vocab = x.shape
+    tiles = -(-vocab // TILE)
+    padded = torch.nn.functional.pad(x, (0, tiles * TILE - vocab), value=float("-inf"))
+    tile_max = padded.view(batch, tiles, TILE).amax(-1)
+    live = tile_max > float("-inf")
+    reference = torch.where(live, tile_max, 0.0)  # a tile of -inf only weighs 0, not NaN
+    scale = torch.where(live, torch.exp2((tile_max - row_max[:, None]).double() * c.double()[:, None]), 0.0)
+    w = torch.exp2((x - reference.repeat_interleave(TILE, -1)[:, :vocab]) * c[:, None])
+    return w.double() * scale.repeat_interleave(TILE, -1)[:, :vocab]
+
+
 def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
     """The fast path's algorithm in torch, on processed float32 logits ``x`` (see the module docstring)."""
     batch, vocab = x.shape
@@ -208,13 +227,16 @@ def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
     temperature = _rows(params.temperature, batch, dev, torch.float32)
     greedy = temperature == 0
     c = torch.tensor(LOG2E, dtype=torch.float32, device=dev) / torch.where(greedy, 1.0, temperature)
-    w = torch.exp2((x - row_max[:, None]) * c[:, None])
-    wd = w.double()
-    row_sum = wd.sum(-1)
     top_k = _rows(params.top_k, batch, dev, torch.int64)
     top_p = _rows(params.top_p, batch, dev, torch.float32)
     min_p = _rows(params.min_p, batch, dev, torch.float32)
     k_on = (top_k > 0) & (top_k < vocab)
+    w = torch.exp2((x - row_max[:, None]) * c[:, None])
+    wd = w.double()
+    unfiltered = ~greedy & ~k_on & (top_p >= 1) & (min_p <= 0)  # weights as the streaming kernel computes them
+    if bool(unfiltered.any()):
+        wd = torch.where(unfiltered[:, None], _tile_weights(x, row_max, c), wd)
+    row_sum = wd.sum(-1)
     in_top_k = torch.ones_like(x, dtype=torch.bool)
     if bool(k_on.any()):
         k = torch.where(k_on, top_k, 1)

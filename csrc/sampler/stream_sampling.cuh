@@ -1,0 +1,286 @@
+// Step sampler, unfiltered rows: greedy and plain sampling (temperature only: no top-k, top-p,
+// min-p or penalties) in one streaming pass (torch-free kernel; the binding is sampler.cu).
+// sampling.cuh caches each block's chunk in shared memory for its filters' passes, which limits
+// the loads in flight at large batch; without filters one read suffices, straight into registers.
+//
+// One cluster of blocks per row, each block a tile-aligned chunk. Each warp takes the chunk's
+// tiles (tile_weight.cuh) in turn and records each tile's max and float64 sum of
+// 2^((x - tile max) c); it keeps the lowest index of its largest value, and a NaN or +inf shows as
+// a NaN sum. The blocks exchange max, argmax and that flag over distributed shared memory (invalid
+// row: token -1, logprob NaN; temperature 0: the argmax), then their masses (each tile's sum times
+// its scale). A float64 uniform from Philox keyed by (seed, position, round 0) times the row's mass
+// picks a block, a tile and -- re-reading that one tile -- the token by the running mass in
+// vocabulary order: the first draw of sampling.cuh with the same weights, so the same token up to
+// the order of float64 sums (never a token of weight 0: when rounding leaves the running mass
+// short, the last positive one).
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include <cstdint>
+
+#include "philox.cuh"
+#include "sampler/sampling.cuh"
+#include "sampler/tile_weight.cuh"
+#include "vector_load.cuh"
+#include "warp_reduce.cuh"
+
+namespace xllm::sampler {
+
+constexpr int kStreamThreads = 512;
+constexpr int kStreamWarps = kStreamThreads / 32;
+constexpr int kStreamMaxTiles = 512;  // tiles of a block's chunk at most (262144 tokens)
+
+struct StreamShared {
+  float tile_max[kStreamMaxTiles];
+  double tile_mass[kStreamMaxTiles];  // the tile's sum of tile weights, then times its scale
+  float warp_max[kStreamWarps];
+  int warp_argmax[kStreamWarps], warp_flags[kStreamWarps];
+  double warp_mass[kStreamWarps];
+  Slot slot[2];  // [0]: max, argmax, flags; [1]: mass (read by the other blocks of the cluster)
+  float max;
+  int argmax, invalid, chosen_block;
+  double total, target;  // the row's mass; the draw's target within the chosen block
+};
+
+// One lane's share of a tile: kTile / 32 values, loaded VEC at a time (coalesced across the warp).
+template <typename T, int VEC>
+struct TilePart {
+  static constexpr int kLoads = kTile / (32 * VEC);
+  Vec<T, VEC> v[kLoads];
+
+  // Element j of load q is the tile's element q * 32 * VEC + lane * VEC + j (lane order inside).
+  __device__ __forceinline__ static int index(int q, int lane, int j) { return q * 32 * VEC + lane * VEC + j; }
+
+  // The tile starting at x, of `n` elements (a multiple of VEC; those past n are not read).
+  __device__ __forceinline__ void load_from(const T* x, int n, int lane) {
+#pragma unroll
+    for (int q = 0; q < kLoads; ++q) {
+      const int i = index(q, lane, 0);
+      if (i < n) v[q] = load<T, VEC>(x + i);
+    }
+  }
+  __device__ __forceinline__ float value(int q, int j, int lane, int n) const {
+    return index(q, lane, j) < n ? to_float(v[q].v[j]) : -INFINITY;
+  }
+};
+
+// A warp's state of the streaming pass: the max so far and its lowest index (in the chunk), and
+// whether a NaN or +inf was seen.
+struct WarpBest {
+  float value = -INFINITY;
+  int index = INT32_MAX;
+  bool bad = false;
+};
+
+// Warp `warp`'s work on one tile (tile number tl of the block, at chunk offset tl * kTile): the
+// tile's max and sum of tile weights into shared memory; the argmax only when the tile's max
+// beats the warp's (rare after the first tiles); a NaN or +inf seen as a NaN sum (a NaN weighs
+// NaN; a +inf is its tile's max, and inf - inf is NaN).
+template <typename T, int VEC>
+__device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, int n, float c, WarpBest& best,
+                                          StreamShared& sh) {
+  using Part = TilePart<T, VEC>;
+  const int lane = threadIdx.x % 32, base = tl * kTile, left = n - base;
+  float m = -INFINITY;
+#pragma unroll
+  for (int q = 0; q < Part::kLoads; ++q) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, part.value(q, j, lane, left));
+  }
+  m = warp_fmax(m);
+  if (m > best.value) {  // warp-uniform: the lowest index holding m
+    int first = INT32_MAX;
+#pragma unroll
+    for (int q = Part::kLoads - 1; q >= 0; --q) {
+#pragma unroll
+      for (int j = VEC - 1; j >= 0; --j) first = part.value(q, j, lane, left) == m ? Part::index(q, lane, j) : first;
+    }
+    best.value = m;
+    best.index = base + static_cast<int>(__reduce_min_sync(kFull, static_cast<unsigned>(first)));
+  }
+  const float reference = tile_reference(m);
+  double acc[4] = {};
+#pragma unroll
+  for (int q = 0; q < Part::kLoads; ++q) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[(q * VEC + j) % 4] += tile_weight(part.value(q, j, lane, left), reference, c);
+  }
+  const double sum = warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  best.bad |= sum != sum;
+  if (lane == 0) {
+    sh.tile_max[tl] = m;
+    sh.tile_mass[tl] = sum;
+  }
+}
+
+// Warp: the first of `count` items, in order, where the running sum of mass(i) first exceeds
+// `target` (the last of positive mass when rounding leaves the sum short; -1 when none has
+// any), and in *before the mass ahead of it. Lane l sums the run [l * per, (l + 1) * per) (its
+// loads all in flight), a scan of the runs picks the lane, and that lane walks its run.
+template <typename F>
+__device__ int warp_walk(int count, double target, double* before, F mass) {
+  const int lane = threadIdx.x % 32, per = (count + 31) / 32, begin = lane * per, end = min(count, begin + per);
+  double own = 0.0;
+  for (int i = begin; i < end; ++i) own += mass(i);
+  const double inclusive = warp_inclusive_scan(own, lane);
+  const unsigned cross = __ballot_sync(kFull, own > 0.0 && inclusive > target);
+  const unsigned positive = __ballot_sync(kFull, own > 0.0);
+  if (!positive) return -1;
+  const int chosen = cross ? __ffs(cross) - 1 : 31 - __clz(positive);
+  int found = -1;
+  double ahead = 0.0;
+  if (lane == chosen) {
+    double run = inclusive - own, last_ahead = 0.0;
+    int last = -1;
+    for (int i = begin; i < end; ++i) {
+      const double m = mass(i);
+      if (m > 0.0) {
+        if (run + m > target) {
+          found = i;
+          ahead = run;
+          break;
+        }
+        last = i;
+        last_ahead = run;
+      }
+      run += m;
+    }
+    if (found < 0) {
+      found = last;
+      ahead = last_ahead;
+    }
+  }
+  *before = __shfl_sync(kFull, ahead, chosen);
+  return __shfl_sync(kFull, found, chosen);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const T* __restrict__ logits, Args a) {
+  __shared__ StreamShared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  const int64_t row = blockIdx.y, vocab = a.vocab;
+  const int64_t begin = static_cast<int64_t>(rank) * a.chunk;
+  const int n = static_cast<int>(min(begin + a.chunk, vocab) - begin);
+  const int tiles = (n + kTile - 1) / kTile;
+  const T* x = logits + row * vocab + begin;
+  const float t = a.temperature[row];
+  const bool greedy = t == 0.f;
+  const float c = kLog2e / (greedy ? 1.f : t);
+
+  // The streaming pass: a warp's tiles one at a time (two blocks of 16 warps per SM keep 64 KB
+  // of loads in flight; two tiles at a time would spill registers).
+  WarpBest best;
+  for (int tl = warp; tl < tiles; tl += kStreamWarps) {
+    TilePart<T, VEC> part;
+    part.load_from(x + tl * kTile, n - tl * kTile, lane);
+    take_tile(part, tl, n, c, best, sh);
+  }
+  if (lane == 0) {
+    sh.warp_max[warp] = best.value;
+    sh.warp_argmax[warp] = best.index == INT32_MAX ? INT32_MAX : static_cast<int>(begin) + best.index;
+    sh.warp_flags[warp] = best.bad;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    Slot s{0.0, 0.0, -INFINITY, INT32_MAX, 0};
+    for (int w = 0; w < kStreamWarps; ++w) {
+      if (sh.warp_max[w] > s.value || (sh.warp_max[w] == s.value && sh.warp_argmax[w] < s.index)) {
+        s.value = sh.warp_max[w];
+        s.index = sh.warp_argmax[w];
+      }
+      s.flags |= sh.warp_flags[w];
+    }
+    sh.slot[0] = s;
+  }
+  cluster.sync();
+  if (warp == 0) {  // lane r: block r's max, argmax and flags
+    Slot v = lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&sh.slot[0], lane)
+                                              : Slot{0.0, 0.0, -INFINITY, INT32_MAX, 0};
+    for (int off = 16; off > 0; off >>= 1) {
+      const float om = __shfl_xor_sync(kFull, v.value, off);
+      const int oi = __shfl_xor_sync(kFull, v.index, off);
+      if (om > v.value || (om == v.value && oi < v.index)) {
+        v.value = om;
+        v.index = oi;
+      }
+      v.flags |= __shfl_xor_sync(kFull, v.flags, off);
+    }
+    if (lane == 0) {
+      sh.max = v.value;
+      sh.argmax = v.index;
+      sh.invalid = v.flags != 0 || v.value == -INFINITY;
+    }
+  }
+  __syncthreads();
+  const float row_max = sh.max;
+  const bool invalid = sh.invalid;
+
+  // The tiles' masses and the block's.
+  double mine = 0.0;
+  if (!invalid) {
+    for (int tl = tid; tl < tiles; tl += kStreamThreads) {
+      const double m = sh.tile_mass[tl] * tile_scale(sh.tile_max[tl], row_max, c);
+      sh.tile_mass[tl] = m;
+      mine += m;
+    }
+  }
+  mine = warp_sum(mine);
+  if (lane == 0) sh.warp_mass[warp] = mine;
+  __syncthreads();
+  if (tid == 0) {
+    double block = 0.0;
+    for (int w = 0; w < kStreamWarps; ++w) block += sh.warp_mass[w];
+    sh.slot[1].mass = block;
+  }
+  cluster.sync();
+  if (warp == 0) {  // the row's mass; the block where u times it falls, and the target within it
+    const double m = lane < static_cast<int>(blocks) ? cluster.map_shared_rank(&sh.slot[1], lane)->mass : 0.0;
+    const double total = warp_sum(m);
+    if (!invalid && !greedy) {
+      const double u = philox_uniform(static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]), 0u);
+      const double target = u * total;
+      const double inclusive = warp_inclusive_scan(m, lane);
+      const unsigned cross = __ballot_sync(kFull, m > 0.0 && inclusive > target);
+      const unsigned positive = __ballot_sync(kFull, m > 0.0);
+      const int b = cross ? __ffs(cross) - 1 : 31 - __clz(positive);
+      const double before = __shfl_sync(kFull, inclusive - m, b);
+      if (lane == 0) {
+        sh.chosen_block = b;
+        sh.target = target - before;
+      }
+    }
+    if (lane == 0) sh.total = total;
+  }
+  cluster.sync();  // every block's slots read: from here on, no remote access
+  const double total = sh.total;
+  const float t_eff = greedy ? 1.f : t;
+  auto logprob = [&](float value) {
+    return static_cast<float>((static_cast<double>(value) - row_max) / t_eff - log(total));
+  };
+  if (invalid || greedy) {
+    if (rank == 0 && tid == 0) {
+      a.tokens[row] = invalid ? -1 : sh.argmax;
+      a.logprobs[row] = invalid ? NAN : logprob(row_max);
+    }
+    return;
+  }
+  if (static_cast<int>(rank) != sh.chosen_block || warp != 0) return;
+  double before = 0.0;
+  const int tile = warp_walk(tiles, sh.target, &before, [&](int i) { return sh.tile_mass[i]; });
+  const float tile_max = sh.tile_max[tile], reference = tile_reference(tile_max);
+  const double scale = tile_scale(tile_max, row_max, c);
+  const T* tile_x = x + tile * kTile;
+  const int in_tile = min(n - tile * kTile, kTile);
+  const int i = warp_walk(in_tile, sh.target - before, &before, [&](int j) {
+    return static_cast<double>(tile_weight(to_float(tile_x[j]), reference, c)) * scale;
+  });
+  if (lane == 0) {
+    a.tokens[row] = begin + tile * kTile + i;
+    a.logprobs[row] = logprob(to_float(tile_x[i]));
+  }
+}
+
+}  // namespace xllm::sampler
