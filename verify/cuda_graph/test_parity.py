@@ -47,15 +47,17 @@ def test_sampler_off_keeps_the_callers_generator(device, graphs):
 
 
 def test_a_failed_decode_capture_falls_back_with_one_warning_and_no_lost_token(device):
-    """The decode step made uncapturable (a host read; on CPU the capture is tried and fails for
-    want of a GPU): one warning, every step run eagerly, the tokens of an eager generation."""
+    """The decode step made uncapturable (a host read of a GPU tensor; without a GPU the capture
+    is tried and fails for want of one): one warning, every step run eagerly, the tokens of an
+    eager generation."""
     import warnings
 
     engine = Engine(device=device)
     eager = generate(engine, 3, 0.8, False)
     step = engine._decode_steps[3][3]
-    position, capturable = engine._decode_steps[3][2], step.fn
-    step.fn, step.cuda = lambda: (float(position.sum()), capturable())[1], True
+    read = torch.zeros(1, device="cuda") if torch.cuda.is_available() else engine._decode_steps[3][2]
+    capturable = step.fn
+    step.fn, step.cuda = lambda: (float(read.sum()), capturable())[1], True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graphed = generate(engine, 3, 0.8, True)
