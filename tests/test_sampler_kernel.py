@@ -59,19 +59,45 @@ def per_row_kwargs(batch, vocab, device):
 SHAPES = [(1, 1), (3, 7), (5, 1000), (2, 32000), (64, 32001), (1, 151936), (16, 151936), (300, 5003), (2, 262144)]
 
 
+TOP_K_MIN_ELEMENTS = 4_000_000  # sampler.cu's kTopKMinElements
+
+
+def takes_top_k_kernels(kw, batch, vocab):
+    """Whether sample() runs the top-k kernels (top_k_sampling.cuh): top_k one number from 1 to
+    128, below the vocab, no penalties, and batch x vocab at least TOP_K_MIN_ELEMENTS per 64 of k."""
+    k = kw.get("top_k", 0)
+    return (isinstance(k, int) and 1 <= k <= 128 and k < vocab and "generated" not in kw
+            and batch * vocab >= TOP_K_MIN_ELEMENTS * ((k + 63) // 64))
+
+
+# The top-k kernels' logprob takes the row's sum from the streaming pass: terms 2^e by ex2.approx
+# (within 2^-22 relatively) with e = (x - max) c rounded within |e| 2^-24 (under 10 bits on average
+# over these rows' mass: 7e-7 relatively at most), summed per group of at most 8 in float32
+# (7 * 2^-24); the reference's terms by exp2f (2 ulp, 2^-22) with the same rounding of e: the two
+# sums within 2e-6 relatively, so the logprobs within 2e-6 absolutely (plus the 2e-7 below).
+TOP_K_LOGPROB_ABS = 2e-6
+
+
+def logprobs_agree(a, b, absolute=0.0):
+    """Within float32 rounding of two float64 values (2e-7 relatively, 1 at least) plus `absolute`."""
+    a, b = a.double(), b.double()
+    return bool(((a - b).abs() <= 2e-7 * b.abs().clamp(min=1) + absolute).all())
+
+
 @pytest.mark.parametrize("batch,vocab", SHAPES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_kernel_draws_the_torch_paths_tokens(batch, vocab, config):
     """Same algorithm, same Philox numbers: the same tokens (their float64 sums differ in order,
     ~1e-16 relative, which moves a token only when a uniform lands that close to a boundary)
-    and the same logprobs up to float32 rounding of two float64 values within 1e-15."""
+    and the same logprobs up to float32 rounding of two float64 values within 1e-15 (the top-k
+    kernels: within TOP_K_LOGPROB_ABS more)."""
     logits = torch.randn(batch, vocab, device="cuda") * 3
     kw = per_row_kwargs(batch, vocab, "cuda") if CONFIGS[config] == "per-row" else dict(CONFIGS[config])
     kw.update(seed=torch.arange(batch, device="cuda") * 31 + 5, position=torch.arange(batch, device="cuda") + 1000)
     out = xs.sample(logits, **kw)
     ref = torch_path(logits, **kw)
     assert torch.equal(out.tokens, ref.tokens)
-    assert ((out.logprobs.double() - ref.logprobs.double()).abs() <= 2e-7 * ref.logprobs.double().abs().clamp(min=1)).all()
+    assert logprobs_agree(out.logprobs, ref.logprobs, TOP_K_LOGPROB_ABS if takes_top_k_kernels(kw, batch, vocab) else 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -131,7 +157,31 @@ def test_unfiltered_rows_draw_the_same_token_in_either_kernel(temperature, vocab
     cached = xs.sample(logits, top_k=top_k, **kw)
     assert torch.equal(streamed.tokens[1::2], cached.tokens[1::2])
     a, b = streamed.logprobs[1::2].double(), cached.logprobs[1::2].double()
-    assert ((a - b).abs() <= 2e-7 * b.abs().clamp(min=1)).all()
+    assert logprobs_agree(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1000, 32001, 151936])
+@pytest.mark.parametrize("k", [1, 50, 128])
+def test_short_top_k_rows_draw_the_same_token_in_either_kernel(k, vocab, dtype):
+    """top_k as one number up to 128 takes the top-k kernels (top_k_sampling.cuh), the same k as a
+    per-row tensor the caching kernel (sampling.cuh): the same tokens for greedy, top-k alone and
+    with top-p and min-p (the same weights and tests; only the order of float64 sums differs),
+    logprobs within TOP_K_LOGPROB_ABS. bf16 logits rounded to few values put ties at the k-th."""
+    batch = -(-2 * TOP_K_MIN_ELEMENTS // vocab)  # enough rows for the top-k kernels at k = 128
+    g = torch.Generator("cuda").manual_seed(vocab + k)
+    logits = (torch.randn(batch, vocab, device="cuda", generator=g) * 3).to(dtype)
+    if dtype == torch.bfloat16:
+        logits = logits.float().round().to(dtype)
+    per_row_k = torch.full((batch,), k, dtype=torch.int64, device="cuda")
+    for kw in (dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.2, top_p=0.8),
+               dict(top_p=torch.rand(batch, device="cuda", generator=g) * 0.9 + 0.1, min_p=0.05)):
+        kw.update(seed=torch.arange(batch, device="cuda") * 3 + 1, position=torch.arange(batch, device="cuda") + 9)
+        assert takes_top_k_kernels(dict(top_k=k), batch, vocab)
+        listed = xs.sample(logits, top_k=k, **kw)
+        cached = xs.sample(logits, top_k=per_row_k, **kw)
+        assert torch.equal(listed.tokens, cached.tokens), kw
+        assert logprobs_agree(listed.logprobs, cached.logprobs, TOP_K_LOGPROB_ABS), kw
 
 
 def launched_kernels(fn):
@@ -146,18 +196,34 @@ def test_unfiltered_batches_take_the_streaming_kernel():
     for kw in (dict(), dict(temperature=0.0), dict(temperature=torch.rand(256, device="cuda"), top_k=0, top_p=1.0)):
         names = launched_kernels(lambda: xs.sample(logits, **kw))
         assert len(names) == 1 and "stream_sample_kernel" in names[0], (kw, names)
-    for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.1), dict(top_k=torch.zeros(256, dtype=torch.int64, device="cuda"))):
+    for kw in (dict(top_k=129), dict(top_p=0.9), dict(min_p=0.1), dict(top_k=torch.zeros(256, dtype=torch.int64, device="cuda"))):
         names = launched_kernels(lambda: xs.sample(logits, **kw))
         assert len(names) == 1 and "stream_sample_kernel" not in names[0], (kw, names)
+
+
+def test_short_top_k_batches_take_the_top_k_kernels():
+    logits = torch.randn(256, 32000, device="cuda")  # 8.2e6 logits: enough for k up to 128
+    generated = torch.zeros(256, 3, dtype=torch.int64, device="cuda")
+    for kw in (dict(top_k=1), dict(top_k=50, top_p=0.9), dict(top_k=128, min_p=0.1, temperature=0.0)):
+        assert takes_top_k_kernels(kw, *logits.shape)
+        names = launched_kernels(lambda: xs.sample(logits, **kw))
+        assert len(names) == 2 and "top_k_candidates_kernel" in names[0] and "top_k_draw_kernel" in names[1], (kw, names)
+    for x, kw in ((logits, dict(top_k=129)), (logits, dict(top_k=torch.full((256,), 50, device="cuda"))),
+                  (logits, dict(top_k=50, generated=generated, repetition_penalty=1.2)),
+                  (logits[:64], dict(top_k=50)), (logits[:128], dict(top_k=65))):  # below the size rule
+        assert not takes_top_k_kernels(kw, *x.shape)
+        names = launched_kernels(lambda: xs.sample(x, **kw))
+        assert len(names) == 1 and "sample_kernel" in names[0] and "top_k" not in names[0], (kw, names)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(top_k=6), dict(top_p=0.7), dict(top_k=10, top_p=0.9, min_p=0.1),
                                 dict(temperature=0.6, min_p=0.2),
                                 dict(penalties=(0.4, 0.3, 1.5)), dict(penalties=(0.2, 0.0, 1.2), top_p=0.8)])
 def test_chi_square_against_float64_distribution(kw):
-    """10^5 draws of one 16-token row (one position each) against the exact filtered distribution."""
+    """2^18 draws of one 16-token row (one position each) against the exact filtered distribution
+    (4.2e6 logits: the top-k configurations take the top-k kernels)."""
     kw = dict(kw)
-    vocab, draws = 16, 100_000
+    vocab, draws = 16, 262_144
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(3)).double() * 1.5
     generated = None
     if "penalties" in kw:
@@ -212,7 +278,7 @@ def test_a_one_in_a_million_token_is_drawn_at_its_rate():
 
 
 def test_invalid_rows_give_minus_one_and_nan():
-    x = torch.randn(5, 40000, device="cuda")
+    x = torch.randn(128, 40000, device="cuda")  # 5.1e6 logits: top_k = 5 takes the top-k kernels
     x[0, 39999] = float("nan")
     x[1, 3] = float("inf")
     x[2] = float("-inf")
@@ -235,9 +301,10 @@ def test_penalties_match_the_torch_path_including_long_lists():
         assert torch.equal(xs.sample(logits, **kw).tokens, torch_path(logits, **kw).tokens)
 
 
-@pytest.mark.parametrize("filters", [dict(top_k=50, top_p=0.9, temperature=0.8), dict(temperature=0.8)])
-def test_graph_replay_equals_eager(filters):
-    batch, vocab = 4, 151936
+@pytest.mark.parametrize("filters,batch", [(dict(top_k=50, top_p=0.9, temperature=0.8), 4), (dict(temperature=0.8), 4),
+                                           (dict(top_k=50, top_p=0.9, temperature=0.8), 32)])  # 32: the top-k kernels
+def test_graph_replay_equals_eager(filters, batch):
+    vocab = 151936
     logits = torch.randn(batch, vocab, device="cuda")
     position = torch.zeros(batch, dtype=torch.int64, device="cuda")
     kw = dict(filters, seed=torch.arange(batch, device="cuda"), position=position)

@@ -1,0 +1,166 @@
+// Step sampler, top-k rows: batches whose top_k is one number from 1 to slice::kMaxKeys (below
+// the vocab) and without penalties, in two launches that read the logits once (torch-free
+// kernels; the binding is sampler.cu). sampling.cuh caches a row's chunks in shared memory for
+// its radix passes, which at large batch leaves few loads in flight and reads the cache many
+// times; with the top k known to be a short list, one streaming pass finds it.
+//
+//   top_k_candidates_kernel  grid (slices, rows): each block the k best rank keys of its slice of
+//                            a row and the slice's max and float64 sum of 2^((x - max) c), c =
+//                            log2(e) / temperature (slice_top_keys.cuh);
+//   top_k_draw_kernel        grid (rows), launched as a programmatic dependent: merges the
+//                            slices' keys into the row's top k (ties: lower index first) and its
+//                            sum, then draws as sampling.cuh does on the same candidates: weights
+//                            2^((x - max) c) in float32, min-p on them, a float64 Philox uniform
+//                            keyed by (seed, position, round) times the eligible mass walked in
+//                            vocabulary order, top-p by rejection over pivots. Same weights,
+//                            uniforms and tests: the same tokens, up to the order of float64 sums.
+// The logprob's row sum comes from the streaming pass (ex2.approx terms summed per tile in float32,
+// then in float64): within 1e-6 of sampling.cuh's, relatively.
+#pragma once
+
+#include <cstdint>
+
+#include "dependent_launch.cuh"
+#include "philox.cuh"
+#include "rank_key.cuh"
+#include "sampler/sampling.cuh"
+#include "sampler/warp_walk.cuh"
+#include "slice_top_keys.cuh"
+#include "warp_reduce.cuh"
+
+namespace xllm::sampler {
+
+struct TopKWork {
+  uint64_t* keys;                  // (rows, slices, k) each slice's k best keys; 0 pads
+  slice::Partial<double>* partial;  // (rows, slices) each slice's max and sum of 2^((x - max) c)
+};
+
+// c of a row: log2(e) / temperature; temperature 0 (greedy) keeps 1 for the logprob.
+__device__ __forceinline__ float weight_scale(float t) { return kLog2e / (t == 0.f ? 1.f : t); }
+
+// Grid (slices, rows), slice::kThreads threads, slice::kStreamBytes of dynamic shared memory.
+template <typename T, bool BULK>
+__global__ void __launch_bounds__(slice::kThreads, 2) top_k_candidates_kernel(const T* __restrict__ logits, int64_t chunk,
+                                                                               int k, TopKWork w, Args a) {
+  const int64_t row = blockIdx.y, split = blockIdx.x, slices = gridDim.x;
+  const int64_t begin = split * chunk, end = min(begin + chunk, a.vocab);
+  xllm::launch_dependents();  // top_k_draw_kernel's blocks may take free room now; they wait for this grid
+  const slice::Partial<double> p = slice::slice_top_keys<T, BULK, double>(
+      logits + row * a.vocab, begin, end, k, weight_scale(a.temperature[row]), w.keys + (row * slices + split) * k);
+  if (threadIdx.x == 0) w.partial[row * slices + split] = p;
+}
+
+// The row's top k, in rank order (ranked: keys descending) and in vocabulary order, with what
+// the draw reads: weight[r] = 2^((x - max) c) of rank r, above[r] = the eligible (min-p) mass
+// of ranks below r, at[j] = the rank of the j-th in vocabulary order.
+struct TopK {
+  uint64_t ranked[slice::kMaxKeys];
+  double weight[slice::kMaxKeys], above[slice::kMaxKeys + 1];
+  int at[slice::kMaxKeys];
+};
+
+// Warp: the drawn token's rank (0 when every round was rejected: the argmax, as sampling.cuh
+// does). Each round draws from the eligible tokens ranked above the last rejected one (at first,
+// all): a Philox uniform times their mass, walked in vocabulary order; top-p keeps the token
+// when the eligible mass ranked above it is under top_p times the top-k mass.
+__device__ int draw_top_k(const TopK& list, int k, double top_k_mass, float min_p, float top_p, uint64_t seed,
+                          uint64_t position) {
+  const double top_p_mass = static_cast<double>(top_p) * top_k_mass;
+  int pivot = k;  // the rank of the last rejected token (k: none)
+#pragma unroll 1
+  for (int round = 0; round < kMaxRounds; ++round) {
+    const double target = philox_uniform(seed, position, static_cast<uint32_t>(round)) * list.above[pivot];
+    double before;
+    const int j = warp_walk(k, target, &before, [&](int i) {
+      const int r = list.at[i];
+      const double w = list.weight[r];
+      return r < pivot && w >= min_p ? w : 0.0;
+    });
+    if (j < 0) break;
+    const int rank = list.at[j];
+    if (top_p >= 1.f || list.above[rank] < top_p_mass) return rank;
+    pivot = rank;
+  }
+  return 0;
+}
+
+// Grid (rows), slice::kThreads threads; launched as a programmatic dependent of
+// top_k_candidates_kernel (slices * k <= slice::kCapacity).
+__global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int slices, int k, TopKWork w, Args a) {
+  __shared__ uint64_t keys[slice::kCapacity];
+  __shared__ TopK list;
+  __shared__ slice::Select sel;
+  __shared__ int count;
+  __shared__ float row_max;
+  __shared__ double row_sum;
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x % 32;
+  const float t = a.temperature[row], c = weight_scale(t);
+  for (int i = threadIdx.x; i < k; i += slice::kThreads) list.ranked[i] = 0;
+  xllm::wait_for_prerequisite();
+  const int n = slices * k;
+  for (int i = threadIdx.x; i < n; i += slice::kThreads) keys[i] = w.keys[row * n + i];
+  if (threadIdx.x < 32) {  // the row's max and sum from its slices'
+    float m = -slice::kInf;
+    double s = 0.0;
+    for (int i = lane; i < slices; i += 32) slice::combine(m, s, w.partial[row * slices + i].max, w.partial[row * slices + i].sum, c);
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(kFull, m, off);
+      const double s2 = __shfl_xor_sync(kFull, s, off);
+      slice::combine(m, s, m2, s2, c);
+    }
+    if (lane == 0) {
+      row_max = m;
+      row_sum = s;
+      count = n;
+    }
+  }
+  __syncthreads();
+  if (row_max == -slice::kInf || row_sum != row_sum) {  // all -inf, or a NaN or +inf logit
+    if (threadIdx.x == 0) {
+      a.tokens[row] = -1;
+      a.logprobs[row] = NAN;
+    }
+    return;
+  }
+  slice::select_top(keys, &count, k, list.ranked, sel);  // the top k, descending
+  const float best = rank_value(list.ranked[0]);
+  int rank = 0;
+  if (t != 0.f) {
+    for (int r = threadIdx.x; r < k; r += slice::kThreads) {
+      const uint64_t own = list.ranked[r];
+      int place = 0;  // its place in vocabulary order: the keys of lower index (larger ~index)
+      for (int q = 0; q < k; ++q) place += static_cast<uint32_t>(list.ranked[q]) > static_cast<uint32_t>(own);
+      list.at[place] = r;
+      list.weight[r] = static_cast<double>(exp2f((rank_value(own) - best) * c));
+    }
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    const float min_p = a.min_p[row];
+    // above[r] by a warp scan: lane l sums the ranks [l * per, (l + 1) * per)
+    const int per = (k + 31) / 32, begin = min(k, lane * per), end = min(k, begin + per);
+    double own = 0.0, all = 0.0;
+    for (int r = begin; r < end; ++r) {
+      own += list.weight[r] >= min_p ? list.weight[r] : 0.0;
+      all += list.weight[r];
+    }
+    double run = warp_inclusive_scan(own, lane) - own;
+    for (int r = begin; r < end; ++r) {
+      list.above[r] = run;
+      run += list.weight[r] >= min_p ? list.weight[r] : 0.0;
+    }
+    if (lane == 31) list.above[k] = run;
+    const double top_k_mass = warp_sum(all);
+    __syncwarp();
+    rank = draw_top_k(list, k, top_k_mass, min_p, a.top_p[row], static_cast<uint64_t>(a.seed[row]),
+                      static_cast<uint64_t>(a.position[row]));
+  }
+  if (threadIdx.x == 0) {
+    const uint64_t key = list.ranked[rank];
+    a.tokens[row] = rank_index(key);
+    const float t_eff = t == 0.f ? 1.f : t;
+    a.logprobs[row] = static_cast<float>((static_cast<double>(rank_value(key)) - best) / t_eff - log(row_sum));
+  }
+}
+
+}  // namespace xllm::sampler
