@@ -18,9 +18,10 @@ Semantics, every path:
 Flag ``sampler`` on: the draw of ``csrc/sampler/sampling.cuh`` (the module docstring of that
 header has the method): the candidates' mass in vocabulary order, a float64 uniform from Philox
 keyed by (seed, position, round), and top-p by rejection over pivots; batches without filters or
-penalties take ``csrc/sampler/stream_sampling.cuh``, one streaming read of the logits, with the
-same tokens. On a GPU it is one kernel launch with no host synchronisation (capturable in a CUDA
-graph); elsewhere the same algorithm
+penalties take ``csrc/sampler/stream_sampling.cuh``, one streaming read of the logits, and large
+batches whose ``top_k`` is one number up to 128 ``csrc/sampler/top_k_sampling.cuh`` (one read, then
+the same draw on the top-k list), with the same tokens. On a GPU it is one kernel launch (two for
+the top-k kernels) with no host synchronisation (capturable in a CUDA graph); elsewhere the same algorithm
 in torch (:func:`draw`), which draws the same tokens up to float rounding at a boundary. A
 request's tokens depend on its seed and position only, never on its row or batch.
 Flag off: the original sort-based sampler (``torch.multinomial`` with ``generator``).
