@@ -191,6 +191,16 @@ __device__ __forceinline__ void combine(float& m, Acc& s, float m2, Acc s2, floa
   }
 }
 
+// combine over the warp's lanes, the result in every lane.
+template <typename Acc>
+__device__ __forceinline__ void warp_combine(float& m, Acc& s, float scale) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(kFull, m, off);
+    const Acc s2 = __shfl_xor_sync(kFull, s, off);
+    combine(m, s, m2, s2, scale);
+  }
+}
+
 // --- each warp's candidates while it streams (no block barrier in the streaming loop) ---
 
 // Append `key` where `take` to a warp's buffer of n keys (n is the same in every lane); every lane calls it.
@@ -480,11 +490,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
     }
   }
   // the slice's softmax partial
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_xor_sync(kFull, m, off);
-    const Acc s2 = __shfl_xor_sync(kFull, s, off);
-    combine(m, s, m2, s2, scale);
-  }
+  warp_combine(m, s, scale);
   if (lane == 0) warp_partial[warp] = {m, s};
   // the warps' keys (each warp's cut by the lanes' bests first, when c < 32) into one list, then its c best
   if (c < 32 && b.n > 2 * c) b = compact(buffer, b, c);

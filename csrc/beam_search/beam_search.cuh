@@ -146,10 +146,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
     const int64_t row = static_cast<int64_t>(b) * W + beam;
     float m = -kInf, s = 0.f;
     for (int i = lane; i < splits; i += 32) combine(m, s, ws.partial[row * splits + i].x, ws.partial[row * splits + i].y, kLog2e);
-    for (int off = 16; off > 0; off >>= 1) {
-      const float m2 = __shfl_xor_sync(kFull, m, off), s2 = __shfl_xor_sync(kFull, s, off);
-      combine(m, s, m2, s2, kLog2e);
-    }
+    slice::warp_combine(m, s, kLog2e);
     if (lane == 0) {
       const bool dead = m == -kInf || s != s;
       beam_max[beam] = dead ? __int_as_float(0x7fc00000) : m;

@@ -62,6 +62,9 @@ __host__ __device__ constexpr int64_t list_offset(int64_t chunk) { return (chunk
 
 using xllm::PerRow;
 
+// c of a row: log2(e) / temperature; temperature 0 (greedy) keeps 1 for the logprob.
+__device__ __forceinline__ float weight_scale(float t) { return kLog2e / (t == 0.f ? 1.f : t); }
+
 struct Args {
   int64_t vocab, chunk;  // chunk: elements per block (a multiple of kTile)
   PerRow<float> temperature, top_p, min_p;
@@ -521,7 +524,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const float row_max = sh.max;
   const float t = a.temperature[row];
   const bool greedy = t == 0.f;
-  const float c = kLog2e / (greedy ? 1.f : t);
+  const float c = weight_scale(t);
   const bool invalid = sh.invalid;
   const int64_t k = a.top_k[row];
   const bool k_on = k > 0 && k < vocab;

@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const 
   const T* x = logits + row * vocab + begin;
   const float t = a.temperature[row];
   const bool greedy = t == 0.f;
-  const float c = kLog2e / (greedy ? 1.f : t);
+  const float c = weight_scale(t);
 
   // The streaming pass: a warp's tiles one at a time (two blocks of 16 warps per SM keep 64 KB
   // of loads in flight; two tiles at a time would spill registers).

@@ -14,8 +14,8 @@
 //                            keyed by (seed, position, round) times the eligible mass walked in
 //                            vocabulary order, top-p by rejection over pivots. Same weights,
 //                            uniforms and tests: the same tokens, up to the order of float64 sums.
-// The logprob's row sum comes from the streaming pass (ex2.approx terms summed per tile in float32,
-// then in float64): within 1e-6 of sampling.cuh's, relatively.
+// The logprob's row sum comes from the streaming pass (ex2.approx terms summed per group in float32,
+// then in float64): within 2e-6 of sampling.cuh's, relatively (tests/test_sampler_kernel.py).
 #pragma once
 
 #include <cstdint>
@@ -34,9 +34,6 @@ struct TopKWork {
   uint64_t* keys;                  // (rows, slices, k) each slice's k best keys; 0 pads
   slice::Partial<double>* partial;  // (rows, slices) each slice's max and sum of 2^((x - max) c)
 };
-
-// c of a row: log2(e) / temperature; temperature 0 (greedy) keeps 1 for the logprob.
-__device__ __forceinline__ float weight_scale(float t) { return kLog2e / (t == 0.f ? 1.f : t); }
 
 // Grid (slices, rows), slice::kThreads threads, slice::kStreamBytes of dynamic shared memory.
 template <typename T, bool BULK>
@@ -104,11 +101,7 @@ __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int slices,
     float m = -slice::kInf;
     double s = 0.0;
     for (int i = lane; i < slices; i += 32) slice::combine(m, s, w.partial[row * slices + i].max, w.partial[row * slices + i].sum, c);
-    for (int off = 16; off > 0; off >>= 1) {
-      const float m2 = __shfl_xor_sync(kFull, m, off);
-      const double s2 = __shfl_xor_sync(kFull, s, off);
-      slice::combine(m, s, m2, s2, c);
-    }
+    slice::warp_combine(m, s, c);
     if (lane == 0) {
       row_max = m;
       row_sum = s;
