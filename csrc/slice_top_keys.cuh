@@ -37,7 +37,7 @@ struct Select {
 };
 
 // The k-th largest of keys[0, n) (1 <= k <= n, keys distinct): an MSB-first radix select, 8 bits a round.
-__device__ uint64_t kth_largest(const uint64_t* keys, int n, int k, Select& s) {
+__device__ inline uint64_t kth_largest(const uint64_t* keys, int n, int k, Select& s) {
   uint64_t prefix = 0;
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) s.hist[i] = 0;
@@ -86,7 +86,7 @@ __device__ __forceinline__ void append(uint64_t* buffer, int* count, bool take, 
 }
 
 // Keep the c largest of buffer[0, *count) (c < *count, *count read after a barrier); returns the c-th largest.
-__device__ uint64_t keep_largest(uint64_t* buffer, int* count, int c, Select& s) {
+__device__ inline uint64_t keep_largest(uint64_t* buffer, int* count, int c, Select& s) {
   const int n = *count;
   const uint64_t kth = kth_largest(buffer, n, c, s);
   constexpr int kPer = kCapacity / kThreads;
@@ -121,7 +121,7 @@ __device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, 
 // A key below the block's c best, from each thread's best key `mine`: the (c + 1)-th largest of
 // the threads' bests (c of them are above it, so the c best are above it too; 0 when fewer than
 // c + 1 threads have a key). Filtering by it leaves a few times c keys instead of all of them.
-__device__ uint64_t seed_floor(uint64_t mine, int c, Select& s) {
+__device__ inline uint64_t seed_floor(uint64_t mine, int c, Select& s) {
   if (threadIdx.x == 0) s.floor = 0;
   s.seeds[threadIdx.x] = mine;
   __syncthreads();
@@ -140,7 +140,7 @@ constexpr int kDirectRank = 128;  // up to this many keys, rank them all at once
 // kCapacity; zeros are not keys): up to kDirectRank keys rank by counting at once; more are
 // filtered by seed_floor first, then ranked by counting, or by a radix select when many remain.
 // keys and *count are overwritten.
-__device__ void select_top(uint64_t* keys, int* count, int c, uint64_t* out, Select& s) {
+__device__ inline void select_top(uint64_t* keys, int* count, int c, uint64_t* out, Select& s) {
   constexpr int kPer = kCapacity / kThreads;
   const int n = *count;
   if (n <= kDirectRank) {
@@ -251,7 +251,7 @@ struct WarpBuffer {
 // Shrink a warp's buffer of b.n keys (b.n > 2c) to fewer keys that still hold its c best; raise its
 // floor and mark. c < 32: keep the keys at or above the c-th largest of the lanes' bests (cheap, at
 // least c keys); when that leaves too many, or c >= 32, keep exactly the c largest.
-__device__ __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b, int c) {
+__device__ inline __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b, int c) {
   int& n = b.n;
   constexpr int kPer = kWarpKeys / 32;
   const int lane = threadIdx.x % 32;

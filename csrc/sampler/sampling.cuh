@@ -239,7 +239,7 @@ __device__ __forceinline__ float level_of(int j, float row_max, float c) { retur
 
 // This block's counts of tokens at each level, added into h[0..kLevels) (zeroed beforehand;
 // read across the cluster after the next exchange).
-__device__ void count_levels(const float* cache, int n, float row_max, float c, int* h) {
+__device__ inline void count_levels(const float* cache, int n, float row_max, float c, int* h) {
   float level[kLevels];
   int count[kLevels];
 #pragma unroll
@@ -268,7 +268,7 @@ __device__ void count_levels(const float* cache, int n, float row_max, float c, 
 // the whole list and ranks it (one exchange). Otherwise radix rounds over that set: 8-bit digits
 // of the order-preserving bits from the top, each round a histogram summed over the cluster, and
 // the cut among the ties by a walk in the one block where it falls.
-__device__ int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int64_t k, float row_max,
+__device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int64_t k, float row_max,
                          float c, uint64_t* list, Shared& sh, uint32_t* kth) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();

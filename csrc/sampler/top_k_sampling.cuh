@@ -60,7 +60,7 @@ struct TopK {
 // does). Each round draws from the eligible tokens ranked above the last rejected one (at first,
 // all): a Philox uniform times their mass, walked in vocabulary order; top-p keeps the token
 // when the eligible mass ranked above it is under top_p times the top-k mass.
-__device__ int draw_top_k(const TopK& list, int k, double top_k_mass, float min_p, float top_p, uint64_t seed,
+__device__ inline int draw_top_k(const TopK& list, int k, double top_k_mass, float min_p, float top_p, uint64_t seed,
                           uint64_t position) {
   const double top_p_mass = static_cast<double>(top_p) * top_k_mass;
   int pivot = k;  // the rank of the last rejected token (k: none)
@@ -82,8 +82,9 @@ __device__ int draw_top_k(const TopK& list, int k, double top_k_mass, float min_
 }
 
 // Grid (rows), slice::kThreads threads; launched as a programmatic dependent of
-// top_k_candidates_kernel (slices * k <= slice::kCapacity).
-__global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int slices, int k, TopKWork w, Args a) {
+// top_k_candidates_kernel (slices * k <= slice::kCapacity). Static: each translation unit that
+// launches it (dispatch_*.cu) has its own.
+static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int slices, int k, TopKWork w, Args a) {
   __shared__ uint64_t keys[slice::kCapacity];
   __shared__ TopK list;
   __shared__ slice::Select sel;
