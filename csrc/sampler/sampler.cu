@@ -10,22 +10,20 @@ torch::Tensor uniform(torch::Tensor seed, torch::Tensor position, int64_t stream
 namespace s = xllm::sampler;
 using xllm::per_row;
 
-void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temperature_scalar,
+// (tokens int64, logprobs float32), each (batch,).
+std::tuple<torch::Tensor, torch::Tensor> sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temperature_scalar,
             c10::optional<torch::Tensor> top_k, int64_t top_k_scalar, c10::optional<torch::Tensor> top_p,
             double top_p_scalar, c10::optional<torch::Tensor> min_p, double min_p_scalar,
             c10::optional<torch::Tensor> seed, int64_t seed_scalar, c10::optional<torch::Tensor> position,
             int64_t position_scalar, c10::optional<torch::Tensor> penalty_tokens,
             c10::optional<torch::Tensor> frequency, double frequency_scalar, c10::optional<torch::Tensor> presence,
-            double presence_scalar, c10::optional<torch::Tensor> repetition, double repetition_scalar,
-            torch::Tensor tokens, torch::Tensor logprobs) {
+            double presence_scalar, c10::optional<torch::Tensor> repetition, double repetition_scalar) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
   const int64_t batch = logits.size(0);
-  TORCH_CHECK(tokens.is_cuda() && tokens.scalar_type() == torch::kInt64 && tokens.is_contiguous() && tokens.numel() == batch,
-              "tokens: contiguous int64 (batch,)");
-  TORCH_CHECK(logprobs.is_cuda() && logprobs.scalar_type() == torch::kFloat32 && logprobs.is_contiguous() &&
-                  logprobs.numel() == batch,
-              "logprobs: contiguous float32 (batch,)");
   TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "logits: vocab below 2^31");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto tokens = torch::empty({batch}, logits.options().dtype(torch::kInt64));
+  auto logprobs = torch::empty({batch}, logits.options().dtype(torch::kFloat32));
   s::Args args{};
   args.vocab = logits.size(1);
   auto f32 = [](double v) { return static_cast<float>(v); };
@@ -52,17 +50,17 @@ void sample(torch::Tensor logits, c10::optional<torch::Tensor> temperature, doub
   const bool unfiltered = !penalty && !top_k.has_value() && (top_k_scalar <= 0 || top_k_scalar >= args.vocab) &&
                           !top_p.has_value() && args.top_p.scalar >= 1.f && !min_p.has_value() && args.min_p.scalar <= 0.f;
   const bool short_top_k = !penalty && !top_k.has_value() && s::short_top_k(batch, args.vocab, top_k_scalar);
-  const c10::cuda::CUDAGuard guard(logits.device());
   switch (logits.scalar_type()) {
     case torch::kFloat32: s::dispatch<float>(logits, args, penalty, unfiltered, short_top_k); break;
     case torch::kBFloat16: s::dispatch<__nv_bfloat16>(logits, args, penalty, unfiltered, short_top_k); break;
     case torch::kFloat16: s::dispatch<__half>(logits, args, penalty, unfiltered, short_top_k); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
+  return {tokens, logprobs};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform", &uniform, "Philox-4x32-10 uniforms keyed by (seed, position, stream)");
-  m.def("sample", &sample, "one token per row from logits: penalties, temperature, top-k, top-p, min-p, greedy");
+  m.def("sample", &sample, "one token and its logprob per row from logits: penalties, temperature, top-k, top-p, min-p, greedy");
   m.def("max_vocab", [] { return s::max_vocab(); }, "the largest vocab the sampling kernel takes");
 }

@@ -97,6 +97,9 @@ def _param(name: str, value, logits: torch.Tensor):
             raise ValueError(f"{name}: value {value} outside ({lo}, {hi}]")
         return float(value)
     batch = logits.shape[0]
+    if (value.device.type != "cpu" and value.device == logits.device and value.dtype == dtype and value.dim() == 1
+            and value.shape[0] == batch and value.is_contiguous()):
+        return value  # a device tensor as the kernel takes it (its values are not read: no host sync)
     t = _checks.per_row(name, value, batch, value.device, dtype)
     _checks.values_in(name, t, lo, hi, lo_open=lo_open, hi_open=False)
     return t.to(logits.device, non_blocking=True).contiguous()
@@ -284,10 +287,6 @@ def draw(x: torch.Tensor, params: _Params) -> SampleOutput:
 
 
 def _kernel_call(kernel, logits: torch.Tensor, params: _Params) -> SampleOutput:
-    batch = logits.shape[0]
-    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
-
     def split(value, default):
         return (value, default) if isinstance(value, torch.Tensor) else (None, value)
 
@@ -295,10 +294,9 @@ def _kernel_call(kernel, logits: torch.Tensor, params: _Params) -> SampleOutput:
     pen_args = [None, None, 0.0, None, 0.0, None, 1.0]
     if pen is not None:
         pen_args = [pen.tokens, *split(pen.frequency, 0.0), *split(pen.presence, 0.0), *split(pen.repetition, 1.0)]
-    kernel.sample(logits, *split(params.temperature, 1.0), *split(params.top_k, 0), *split(params.top_p, 1.0),
-                  *split(params.min_p, 0.0), *split(params.seed, 0), *split(params.position, 0), *pen_args,
-                  tokens, logprobs)
-    return SampleOutput(tokens, logprobs)
+    return SampleOutput(*kernel.sample(logits, *split(params.temperature, 1.0), *split(params.top_k, 0),
+                                       *split(params.top_p, 1.0), *split(params.min_p, 0.0), *split(params.seed, 0),
+                                       *split(params.position, 0), *pen_args))
 
 
 def _fast(logits: torch.Tensor, params: _Params) -> SampleOutput:
