@@ -94,6 +94,24 @@ struct Slot {
   int flags;  // 1: a NaN, 2: a +inf
 };
 
+// a becomes the larger of a and (value, index), the lower index on a tie, with both slots' flags.
+__device__ __forceinline__ void keep_max(Slot& a, float value, int index, int flags) {
+  if (value > a.value || (value == a.value && index < a.index)) {
+    a.value = value;
+    a.index = index;
+  }
+  a.flags |= flags;
+}
+
+// keep_max over the warp's lanes, the result in every lane.
+__device__ __forceinline__ Slot warp_keep_max(Slot v) {
+  for (int off = 16; off > 0; off >>= 1) {
+    keep_max(v, __shfl_xor_sync(kFull, v.value, off), __shfl_xor_sync(kFull, v.index, off),
+             __shfl_xor_sync(kFull, v.flags, off));
+  }
+  return v;
+}
+
 struct Shared {
   Slot slot[2];
   int hist[2][kBins];
@@ -475,44 +493,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     }
     __shared__ float wm[kWarps];
     __shared__ int wa[kWarps], wf[kWarps];
-    for (int off = 16; off > 0; off >>= 1) {
-      const float om = __shfl_xor_sync(kFull, m, off);
-      const int oa = __shfl_xor_sync(kFull, arg, off);
-      if (om > m || (om == m && oa < arg)) {
-        m = om;
-        arg = oa;
-      }
-      flags |= __shfl_xor_sync(kFull, flags, off);
-    }
+    Slot block = warp_keep_max(Slot{0.0, 0.0, m, arg, flags});
     if (lane == 0) {
-      wm[warp] = m;
-      wa[warp] = arg;
-      wf[warp] = flags;
+      wm[warp] = block.value;
+      wa[warp] = block.index;
+      wf[warp] = block.flags;
     }
     __syncthreads();
     if (tid == 0) {
-      for (int w = 1; w < kWarps; ++w) {
-        if (wm[w] > m || (wm[w] == m && wa[w] < arg)) {
-          m = wm[w];
-          arg = wa[w];
-        }
-        flags |= wf[w];
-      }
-      sh.slot[phase] = Slot{0.0, 0.0, m, arg, flags};
+      for (int w = 1; w < kWarps; ++w) keep_max(block, wm[w], wa[w], wf[w]);
+      sh.slot[phase] = block;
     }
   }
   cluster.sync();
   if (warp == 0) {
-    Slot v = remote_slot(cluster, sh, phase, empty);
-    for (int off = 16; off > 0; off >>= 1) {
-      const float om = __shfl_xor_sync(kFull, v.value, off);
-      const int oi = __shfl_xor_sync(kFull, v.index, off);
-      if (om > v.value || (om == v.value && oi < v.index)) {
-        v.value = om;
-        v.index = oi;
-      }
-      v.flags |= __shfl_xor_sync(kFull, v.flags, off);
-    }
+    const Slot v = warp_keep_max(remote_slot(cluster, sh, phase, empty));
     if (lane == 0) {
       sh.max = v.value;
       sh.argmax = v.index;

@@ -146,28 +146,13 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const 
   __syncthreads();
   if (tid == 0) {
     Slot s{0.0, 0.0, -INFINITY, INT32_MAX, 0};
-    for (int w = 0; w < kStreamWarps; ++w) {
-      if (sh.warp_max[w] > s.value || (sh.warp_max[w] == s.value && sh.warp_argmax[w] < s.index)) {
-        s.value = sh.warp_max[w];
-        s.index = sh.warp_argmax[w];
-      }
-      s.flags |= sh.warp_flags[w];
-    }
+    for (int w = 0; w < kStreamWarps; ++w) keep_max(s, sh.warp_max[w], sh.warp_argmax[w], sh.warp_flags[w]);
     sh.slot[0] = s;
   }
   cluster.sync();
   if (warp == 0) {  // lane r: block r's max, argmax and flags
-    Slot v = lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&sh.slot[0], lane)
-                                              : Slot{0.0, 0.0, -INFINITY, INT32_MAX, 0};
-    for (int off = 16; off > 0; off >>= 1) {
-      const float om = __shfl_xor_sync(kFull, v.value, off);
-      const int oi = __shfl_xor_sync(kFull, v.index, off);
-      if (om > v.value || (om == v.value && oi < v.index)) {
-        v.value = om;
-        v.index = oi;
-      }
-      v.flags |= __shfl_xor_sync(kFull, v.flags, off);
-    }
+    const Slot v = warp_keep_max(lane < static_cast<int>(blocks) ? *cluster.map_shared_rank(&sh.slot[0], lane)
+                                                                 : Slot{0.0, 0.0, -INFINITY, INT32_MAX, 0});
     if (lane == 0) {
       sh.max = v.value;
       sh.argmax = v.index;
