@@ -37,6 +37,8 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "launch_helpers.cuh"
 #include "row_barrier.cuh"
 
@@ -822,18 +824,25 @@ int64_t workspace_size(int64_t batch, int64_t vocab, int64_t k, int64_t device) 
   return p.splits > 1 ? kGridBytes + kTicketBytes + keys * static_cast<int64_t>(sizeof(uint64_t)) : 0;
 }
 
-void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<torch::Tensor> workspace,
-          torch::Tensor values, torch::Tensor indices) {
+// The binding: writes the (batch, k) values and int64 indices into the tensors given, or into new
+// ones (allocated here, where it costs a fraction of a Python torch.empty); returns them.
+std::tuple<torch::Tensor, torch::Tensor> topk(torch::Tensor x, int64_t k, bool largest, bool sorted,
+                                              c10::optional<torch::Tensor> workspace,
+                                              c10::optional<torch::Tensor> values_opt,
+                                              c10::optional<torch::Tensor> indices_opt) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D CUDA tensor");
   TORCH_CHECK(k >= 1 && k <= kMaxK && k <= x.size(1), "k: 1 to min(1024, vocab)");
   TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "x: vocab below 2^31");
+  torch::Tensor values = values_opt.has_value() ? *values_opt : torch::empty({x.size(0), k}, x.options());
+  torch::Tensor indices =
+      indices_opt.has_value() ? *indices_opt : torch::empty({x.size(0), k}, x.options().dtype(torch::kInt64));
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == x.scalar_type() && values.size(0) == x.size(0) &&
                   values.size(1) == k,
               "values: contiguous (batch, k) tensor of x's dtype");
   TORCH_CHECK(indices.is_contiguous() && indices.scalar_type() == torch::kInt64 && indices.size(0) == x.size(0) &&
                   indices.size(1) == k,
               "indices: contiguous (batch, k) int64 tensor");
-  if (x.size(0) == 0) return;
+  if (x.size(0) == 0) return {values, indices};
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t need = workspace_size(x.size(0), x.size(1), k, x.get_device());
   torch::Tensor ws;
@@ -848,6 +857,7 @@ void topk(torch::Tensor x, int64_t k, bool largest, bool sorted, c10::optional<t
     case torch::kFloat16: dispatch_vec<__half>(x, k, largest, sorted, ws, values, indices); break;
     default: TORCH_CHECK(false, "x: float32, bfloat16 or float16");
   }
+  return {values, indices};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

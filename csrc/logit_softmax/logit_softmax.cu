@@ -587,9 +587,12 @@ void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_sca
 
 }  // namespace
 
-void logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar, bool log,
-                   torch::Tensor out) {
+// The binding: writes into `out` when given, else into a new float32 tensor shaped like logits
+// (allocated here, where it costs a fraction of a Python torch.empty); returns it.
+torch::Tensor logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar,
+                            bool log, c10::optional<torch::Tensor> out_opt) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
+  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(logits.sizes(), logits.options().dtype(torch::kFloat32));
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
               "out: contiguous float32 tensor shaped like logits");
   const float* temp = nullptr;
@@ -606,6 +609,7 @@ void logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperatur
     case torch::kFloat16: dispatch_vec<__half>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -85,10 +85,9 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor | None:
         return ws
 
 
-def _output(x: torch.Tensor, k: int, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _output(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached (values, indices) pair for x's (device, batch, dtype) and k, made on first use."""
     shape = (x.shape[0], k)
-    if not cached:
-        return torch.empty(shape, dtype=x.dtype, device=x.device), torch.empty(shape, dtype=torch.int64, device=x.device)
     key = (x.device, x.shape[0], k, x.dtype)
     with _lock:
         pair = _outputs.get(key)
@@ -216,16 +215,14 @@ def air_topk_last_dim(x: torch.Tensor, k: int | torch.Tensor, *, sorted_by_value
         if kernel is not None and k > KERNEL_MAX_K:
             _say_large_k_uses_torch()
             kernel = None
-        workspace = _workspace(x.device, _workspace_size(kernel, x, k))
-        values, indices = _output(x, k, cached_output)
-        if kernel is not None:
-            kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, values, indices)
-            if index_order and not sorted_by_value:
-                by_index, order = indices.sort(-1)
-                values.copy_(values.gather(-1, order))
-                indices.copy_(by_index)
-        else:
+        out = _output(x, k) if cached_output else (None, None)
+        if kernel is None:
             v, i = _torch_topk(x, k, largest, sorted_by_value)
-            values.copy_(v)
-            indices.copy_(i)
+            return (out[0].copy_(v), out[1].copy_(i)) if cached_output else (v.contiguous(), i.contiguous())
+        workspace = _workspace(x.device, _workspace_size(kernel, x, k))
+        values, indices = kernel.topk(x.contiguous(), k, largest, sorted_by_value, workspace, *out)
+        if index_order and not sorted_by_value:
+            by_index, order = indices.sort(-1)
+            values.copy_(values.gather(-1, order))
+            indices.copy_(by_index)
         return values, indices

@@ -10,6 +10,9 @@ def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | No
     """The checked temperature: None, a Python float, or a float32 (batch,) tensor on the logits' device."""
     if temperature is None:
         return None
+    if (type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32
+            and temperature.shape == logits.shape[:1] and temperature.device == logits.device):
+        return temperature  # already what the kernel takes; a GPU tensor's values are not read (no sync)
     if not isinstance(temperature, torch.Tensor):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature: expected a number or a tensor, got {type(temperature).__name__}")
@@ -63,8 +66,6 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
         if kernel is None:
             result = original(logits, t, log)
             return result if out is None else out.copy_(result)
-        if out is None:
-            out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
-        kernel.logit_softmax(logits.contiguous(), tensor.contiguous() if tensor is not None else None, scalar, log, out)
-        return out
+        return kernel.logit_softmax(logits.contiguous(), tensor.contiguous() if tensor is not None else None, scalar,
+                                    log, out)
