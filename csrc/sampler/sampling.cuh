@@ -9,8 +9,12 @@
 //     without top-k, top-p or min-p compute w per tile as stream_sampling.cuh does
 //     (tile_weight.cuh), so that an unfiltered request draws the same token in either kernel;
 //     the others as 2^((x - max) c) in float32;
-//  3. top-k: the k-th key by a radix select (8-bit digits of x's order-preserving bits, four
-//     rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
+//  3. top-k: counts of tokens at seven levels below the max bound the top k by a set of a few
+//     times k tokens. When that set has at most kGather tokens and k <= slice::kMaxKeys, block 0
+//     gathers it, selects the top k and draws from that list as steps 4-5 do (ranked_draw.cuh,
+//     shared with top_k_sampling.cuh), and the row is done. Otherwise the k-th key, by ranking
+//     the gathered set or by a radix select over it (8-bit digits of x's order-preserving bits,
+//     four rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
 //     indices. min-p keeps w >= min_p (w of the max is 1). Both are prefixes of the ranking
 //     (x descending, index ascending), so the candidates C are one membership test;
 //  4. draw: a float64 uniform from Philox keyed by (seed, position, round) times C's mass picks
@@ -35,7 +39,9 @@
 #include "per_row.cuh"
 #include "philox.cuh"
 #include "rank_key.cuh"
+#include "sampler/ranked_draw.cuh"
 #include "sampler/tile_weight.cuh"
+#include "slice_top_keys.cuh"
 #include "vector_load.cuh"
 #include "warp_reduce.cuh"
 
@@ -47,7 +53,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxCluster = 16;
 constexpr int kBins = 256;                            // radix digit of 8 bits
-constexpr int kMaxRounds = 32;                        // top-p rejection rounds at most
 constexpr int kPenaltySlots = 2048;                   // per-block hash table of penalised tokens
 constexpr int kMaxPenaltyTokens = kPenaltySlots / 2;  // generated tokens per row the kernel takes
 constexpr int kLevels = 7;                            // top-k bound: w >= 2^-(2^j), j < kLevels
@@ -56,9 +61,20 @@ constexpr int kMaxTiles = 64;                         // tiles of a block's chun
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 
+// What block 0 of a listed top-k row keeps where its cached chunk was: the row's top k and the
+// selection's scratch.
+struct ListScratch {
+  TopK top;
+  slice::Select select;
+};
+
 // Where the block's top-k candidate list starts in dynamic shared memory, in floats after the
-// cached chunk: 16-byte aligned whatever the chunk's length (the list holds 8-byte keys).
-__host__ __device__ constexpr int64_t list_offset(int64_t chunk) { return (chunk + 3) / 4 * 4; }
+// cached chunk (or the ListScratch, when larger): 16-byte aligned whatever the chunk's length
+// (the list holds 8-byte keys).
+__host__ __device__ constexpr int64_t list_offset(int64_t chunk) {
+  constexpr int64_t kScratch = (sizeof(ListScratch) + 15) / 16 * 4;
+  return (chunk + 3) / 4 * 4 > kScratch ? (chunk + 3) / 4 * 4 : kScratch;
+}
 
 using xllm::PerRow;
 
@@ -278,18 +294,13 @@ __device__ inline void count_levels(const float* cache, int n, float row_max, fl
   }
 }
 
-// The row's top k (1 <= k < vocab) as the k-th value's order-preserving bits (*kth) and the chunk
-// index below which this block keeps the tokens equal to it (returned).
-// The level counts of count_levels (sh.hist[1], exchanged) bound it: the smallest level set
-// holding k tokens holds the top k. When it holds at most kGather tokens, each block lists its
-// own as rank keys at their place in the row's list, the blocks exchange, and every block copies
-// the whole list and ranks it (one exchange). Otherwise radix rounds over that set: 8-bit digits
-// of the order-preserving bits from the top, each round a histogram summed over the cluster, and
-// the cut among the ties by a walk in the one block where it falls.
-__device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int64_t k, float row_max,
-                         float c, uint64_t* list, Shared& sh, uint32_t* kth) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+// The candidates' bound of a row's top k (1 <= k < vocab), from the level counts of count_levels
+// (sh.hist[1], exchanged): the smallest level set holding k tokens holds the top k. Sets
+// sh.lower (that level, -inf when none holds k) and each block's place in the row's list of the
+// set's tokens; returns the set's size (INT32_MAX when no level holds k) to every thread.
+__device__ inline int top_k_bound(cg::cluster_group& cluster, int64_t k, float row_max, float c, Shared& sh) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned blocks = cluster.num_blocks();
   if (warp == 0) {  // lane r reads block r's counts, all loads in flight at once
     int count[kLevels];
 #pragma unroll
@@ -313,22 +324,47 @@ __device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, 
     }
   }
   __syncthreads();
+  return sh.gather_total;
+}
+
+// The row's list of the `total` (<= kGather) tokens at or above sh.lower as rank keys, in `list`
+// of every block when `everywhere`, else of block 0 only: each block lists its own at their place
+// in the row's list, the blocks exchange, and the receiving blocks copy the others' entries.
+__device__ inline void gather_list(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int total,
+                                   uint64_t* list, Shared& sh, bool everywhere) {
+  const unsigned rank = cluster.block_rank();
   const float lower = sh.lower;
-  const int total = sh.gather_total;
   const Range range = range_of(n);
-  if (total <= kGather) {
-    const int offset = sh.gather_offset[rank];
-    for (int i = range.begin; i < range.end; ++i) {
-      const float v = cache[i];
-      if (v >= lower) list[offset + atomicAdd(&sh.gather_count, 1)] = rank_key(v, begin + i);
-    }
-    cluster.sync();
-    for (int p = tid; p < total; p += kThreads) {
+  const int offset = sh.gather_offset[rank];
+  for (int i = range.begin; i < range.end; ++i) {
+    const float v = cache[i];
+    if (v >= lower) list[offset + atomicAdd(&sh.gather_count, 1)] = rank_key(v, begin + i);
+  }
+  cluster.sync();
+  if (everywhere || rank == 0) {
+    for (int p = threadIdx.x; p < total; p += kThreads) {
       int r = 0;
       while (sh.gather_offset[r + 1] <= p) ++r;
       if (r != static_cast<int>(rank)) list[p] = *cluster.map_shared_rank(&list[p], r);
     }
-    __syncthreads();
+  }
+  __syncthreads();
+}
+
+// The row's top k (1 <= k < vocab, `total` from top_k_bound) as the k-th value's
+// order-preserving bits (*kth) and the chunk index below which this block keeps the tokens equal
+// to it (returned). When the bound's set holds at most kGather tokens, every block gathers the
+// list and ranks it. Otherwise radix rounds over that set: 8-bit digits of the order-preserving
+// bits from the top, each round a histogram summed over the cluster, and the cut among the ties
+// by a walk in the one block where it falls.
+__device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int64_t k,
+                                int total, uint64_t* list, Shared& sh, uint32_t* kth) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  const float lower = sh.lower;
+  const Range range = range_of(n);
+  if (total <= kGather) {
+    gather_list(cluster, cache, n, begin, total, list, sh, true);
     for (int p = tid; p < total; p += kThreads) {
       const uint64_t key = list[p];
       int above[4] = {};
@@ -577,10 +613,35 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
               : exchange_mass(tiled ? block_mass(cache, n, sh, w_tiled) : block_mass(cache, n, sh, w_of), 0.0, nullptr);
   bool done = invalid || greedy;
 
-  // 3. Candidates: top-k (radix select), min-p.
+  // 3. Candidates: top-k, min-p. A top-k row whose bound's set fits the list (k at most
+  // slice::kMaxKeys) is drawn by block 0 from its ranked top k (ranked_draw.cuh), with no further
+  // pass over the row; the other rows keep the k-th key (and its ties' cut) for membership tests.
   uint32_t kth_key = 0;
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
-  if (!done && k_on) tie_cut = top_k_cut(cluster, cache, n, begin, k, row_max, c, list, sh, &kth_key);
+  bool listed = false;
+  if (!done && k_on) {
+    const int total = top_k_bound(cluster, k, row_max, c, sh);
+    listed = total <= kGather && k <= slice::kMaxKeys;
+    if (listed) {
+      gather_list(cluster, cache, n, begin, total, list, sh, false);
+      if (rank == 0) {
+        ListScratch& scratch = *reinterpret_cast<ListScratch*>(cache);  // the chunk is read no more
+        if (tid == 0) sh.gather_count = total;
+        __syncthreads();
+        slice::select_top(list, &sh.gather_count, static_cast<int>(k), scratch.top.ranked, scratch.select);
+        const int r = draw_ranked(scratch.top, static_cast<int>(k), c, min_p, top_p, static_cast<uint64_t>(a.seed[row]),
+                                  static_cast<uint64_t>(a.position[row]));
+        if (tid == 0) {
+          const uint64_t key = scratch.top.ranked[r];
+          a.tokens[row] = rank_index(key);
+          a.logprobs[row] = static_cast<float>((static_cast<double>(rank_value(key)) - row_max) / t - log(row_sum));
+        }
+      }
+      done = true;
+    } else {
+      tie_cut = top_k_cut(cluster, cache, n, begin, k, total, list, sh, &kth_key);
+    }
+  }
   auto in_top_k = [&](int i, float v) {
     const uint32_t key = order_key(v);
     return !k_on || key > kth_key || (key == kth_key && i < tie_cut);
@@ -657,7 +718,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     token = sh.argmax;
     token_value = row_max;
   }
-  if (rank == 0 && tid == 0) {
+  if (rank == 0 && tid == 0 && !listed) {
     if (invalid) {
       a.tokens[row] = -1;
       a.logprobs[row] = NAN;

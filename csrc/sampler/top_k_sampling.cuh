@@ -21,10 +21,9 @@
 #include <cstdint>
 
 #include "dependent_launch.cuh"
-#include "philox.cuh"
 #include "rank_key.cuh"
+#include "sampler/ranked_draw.cuh"
 #include "sampler/sampling.cuh"
-#include "sampler/warp_walk.cuh"
 #include "slice_top_keys.cuh"
 #include "warp_reduce.cuh"
 
@@ -45,40 +44,6 @@ __global__ void __launch_bounds__(slice::kThreads, 2) top_k_candidates_kernel(co
   const slice::Partial<double> p = slice::slice_top_keys<T, BULK, double>(
       logits + row * a.vocab, begin, end, k, weight_scale(a.temperature[row]), w.keys + (row * slices + split) * k);
   if (threadIdx.x == 0) w.partial[row * slices + split] = p;
-}
-
-// The row's top k, in rank order (ranked: keys descending) and in vocabulary order, with what
-// the draw reads: weight[r] = 2^((x - max) c) of rank r, above[r] = the eligible (min-p) mass
-// of ranks below r, at[j] = the rank of the j-th in vocabulary order.
-struct TopK {
-  uint64_t ranked[slice::kMaxKeys];
-  double weight[slice::kMaxKeys], above[slice::kMaxKeys + 1];
-  int at[slice::kMaxKeys];
-};
-
-// Warp: the drawn token's rank (0 when every round was rejected: the argmax, as sampling.cuh
-// does). Each round draws from the eligible tokens ranked above the last rejected one (at first,
-// all): a Philox uniform times their mass, walked in vocabulary order; top-p keeps the token
-// when the eligible mass ranked above it is under top_p times the top-k mass.
-__device__ inline int draw_top_k(const TopK& list, int k, double top_k_mass, float min_p, float top_p, uint64_t seed,
-                          uint64_t position) {
-  const double top_p_mass = static_cast<double>(top_p) * top_k_mass;
-  int pivot = k;  // the rank of the last rejected token (k: none)
-#pragma unroll 1
-  for (int round = 0; round < kMaxRounds; ++round) {
-    const double target = philox_uniform(seed, position, static_cast<uint32_t>(round)) * list.above[pivot];
-    double before;
-    const int j = warp_walk(k, target, &before, [&](int i) {
-      const int r = list.at[i];
-      const double w = list.weight[r];
-      return r < pivot && w >= min_p ? w : 0.0;
-    });
-    if (j < 0) break;
-    const int rank = list.at[j];
-    if (top_p >= 1.f || list.above[rank] < top_p_mass) return rank;
-    pivot = rank;
-  }
-  return 0;
 }
 
 // Grid (rows), slice::kThreads threads; launched as a programmatic dependent of
@@ -121,33 +86,8 @@ static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int 
   const float best = rank_value(list.ranked[0]);
   int rank = 0;
   if (t != 0.f) {
-    for (int r = threadIdx.x; r < k; r += slice::kThreads) {
-      const uint64_t own = list.ranked[r];
-      int place = 0;  // its place in vocabulary order: the keys of lower index (larger ~index)
-      for (int q = 0; q < k; ++q) place += static_cast<uint32_t>(list.ranked[q]) > static_cast<uint32_t>(own);
-      list.at[place] = r;
-      list.weight[r] = static_cast<double>(exp2f((rank_value(own) - best) * c));
-    }
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-    const float min_p = a.min_p[row];
-    // above[r] by a warp scan: lane l sums the ranks [l * per, (l + 1) * per)
-    const int per = (k + 31) / 32, begin = min(k, lane * per), end = min(k, begin + per);
-    double own = 0.0, all = 0.0;
-    for (int r = begin; r < end; ++r) {
-      own += list.weight[r] >= min_p ? list.weight[r] : 0.0;
-      all += list.weight[r];
-    }
-    double run = warp_inclusive_scan(own, lane) - own;
-    for (int r = begin; r < end; ++r) {
-      list.above[r] = run;
-      run += list.weight[r] >= min_p ? list.weight[r] : 0.0;
-    }
-    if (lane == 31) list.above[k] = run;
-    const double top_k_mass = warp_sum(all);
-    __syncwarp();
-    rank = draw_top_k(list, k, top_k_mass, min_p, a.top_p[row], static_cast<uint64_t>(a.seed[row]),
-                      static_cast<uint64_t>(a.position[row]));
+    rank = draw_ranked(list, k, c, a.min_p[row], a.top_p[row], static_cast<uint64_t>(a.seed[row]),
+                       static_cast<uint64_t>(a.position[row]));
   }
   if (threadIdx.x == 0) {
     const uint64_t key = list.ranked[rank];
