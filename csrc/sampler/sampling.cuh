@@ -438,6 +438,23 @@ __device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, 
   return 1 + walk(cache, n, keep - 0.5, sh, tied);
 }
 
+// Block 0 of a listed top-k row: the top k of the gathered list[0, total) and the draw from it
+// (ranked_draw.cuh); writes the row's token and logprob. Not inlined: its registers stay out of
+// the kernel's own (inlined, sample_kernel spilled). Static: one per translation unit.
+static __device__ __noinline__ void draw_listed(uint64_t* list, int total, int k, ListScratch* scratch, int* count, float t,
+                                         float min_p, float top_p, uint64_t seed, uint64_t position, float row_max,
+                                         double row_sum, int64_t* token, float* logprob) {
+  if (threadIdx.x == 0) *count = total;
+  __syncthreads();
+  slice::select_top(list, count, k, scratch->top.ranked, scratch->select);
+  const int r = draw_ranked(scratch->top, k, weight_scale(t), min_p, top_p, seed, position);
+  if (threadIdx.x == 0) {
+    const uint64_t key = scratch->top.ranked[r];
+    *token = rank_index(key);
+    *logprob = static_cast<float>((static_cast<double>(rank_value(key)) - row_max) / t - log(row_sum));
+  }
+}
+
 template <typename T, int VEC, bool PENALTY>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ logits, Args a) {
   extern __shared__ __align__(16) float cache[];
@@ -625,17 +642,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     if (listed) {
       gather_list(cluster, cache, n, begin, total, list, sh, false);
       if (rank == 0) {
-        ListScratch& scratch = *reinterpret_cast<ListScratch*>(cache);  // the chunk is read no more
-        if (tid == 0) sh.gather_count = total;
-        __syncthreads();
-        slice::select_top(list, &sh.gather_count, static_cast<int>(k), scratch.top.ranked, scratch.select);
-        const int r = draw_ranked(scratch.top, static_cast<int>(k), c, min_p, top_p, static_cast<uint64_t>(a.seed[row]),
-                                  static_cast<uint64_t>(a.position[row]));
-        if (tid == 0) {
-          const uint64_t key = scratch.top.ranked[r];
-          a.tokens[row] = rank_index(key);
-          a.logprobs[row] = static_cast<float>((static_cast<double>(rank_value(key)) - row_max) / t - log(row_sum));
-        }
+        draw_listed(list, total, static_cast<int>(k), reinterpret_cast<ListScratch*>(cache), &sh.gather_count, t, min_p,
+                    top_p, static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]), row_max, row_sum,
+                    a.tokens + row, a.logprobs + row);
       }
       done = true;
     } else {
