@@ -22,6 +22,9 @@ at("    token = sh.chosen_index;", "    ++ph_rounds;\n")
 at("  if (!accepted) {", "  PH(7);\n")
 at("  cluster.sync();  // no block leaves", "  PH(8);\n  if (row == 0 && rank == 0 && tid == 0) printf(\"PH rounds %d | load %lld max %lld tiles %lld mass+levels %lld topk_cut %lld cand_mass %lld draw %lld tail %lld levels %lld\\n\", ph_rounds, ph[1]-ph[0], ph[2]-ph[1], ph[3]-ph[2], ph[4]-ph[3], ph[5]-ph[4], ph[6]-ph[5], ph[7]-ph[6], ph[8]-ph[7], ph[9]-ph[3]);\n")
 at("  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, sh.hist[1]);", "\n  PH(9);\n", before=False)
+at("  slice::select_top(list, count, k, scratch->top.ranked, scratch->select);\n", "  long long d0 = clock64();\n")
+at("  const int r = draw_ranked(", "  long long d1 = clock64();\n")
+at("  if (threadIdx.x == 0) {\n    const uint64_t key = scratch->top.ranked[r];", "  long long d2 = clock64();\n  if (threadIdx.x == 0) printf(\"LIST total %d k %d | select %lld draw %lld\\n\", total, k, d1 - d0, d2 - d1);\n")
 (inc / "sampling.cuh").write_text(s)
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 mod = cpp_extension.load(name="xllm_sampling_sampler_ph", sources=[str(p) for p in kernels.sources("sampler")],

@@ -1,0 +1,34 @@
+"""The sampler kernels of another revision (their csrc/ extracted into probe/old_csrc/csrc, e.g.
+`mkdir -p probe/old_csrc && git archive main csrc | tar -x -C probe/old_csrc`) against this
+tree's, side by side in one process: median device time per call with the L2 flushed (us), and
+whether both draw the same tokens. Run on the device from the repository root (PYTHONPATH=.,
+carry probe)."""
+import os, statistics, torch
+from torch.utils import cpp_extension
+from xllm_sampling import kernels
+os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+old_csrc = os.path.abspath("probe/old_csrc/csrc")
+old = cpp_extension.load(name="xllm_sampling_sampler_old", sources=[f"{old_csrc}/sampler/{f}" for f in sorted(os.listdir(f"{old_csrc}/sampler")) if f.endswith(".cu")],
+                         extra_include_paths=[old_csrc] + kernels.extra_include_paths(), extra_cflags=["-O3"],
+                         extra_cuda_cflags=kernels.NVCC_FLAGS)
+new = kernels.load("sampler")
+flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+def time_us(f, reps=60):
+    f(); torch.cuda.synchronize(); ts = []
+    for _ in range(reps):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); f(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(ts)
+cfgs = {"top-k 50 + top-p 0.9": (50, 0.9, 0.0), "top-k 50": (50, 1.0, 0.0), "top-k 1": (1, 1.0, 0.0),
+        "top-k 50 + min-p 0.1": (50, 1.0, 0.1), "top-k 128 + top-p 0.9": (128, 0.9, 0.0), "top-k 200": (200, 1.0, 0.0)}
+print("# NVIDIA", torch.cuda.get_device_name(), "torch", torch.__version__, "fp32, temperature 0.8, us (median of 60, L2 flushed)")
+print(f"{'config':24s} {'B':>4s} {'V':>7s} {'before':>8s} {'after':>8s}")
+for B, V in ((1, 32000), (1, 151936), (16, 32000), (16, 151936), (64, 32000)):
+    x = torch.randn(B, V, device="cuda", generator=torch.Generator("cuda").manual_seed(B + V)) * 3
+    pos = torch.arange(B, device="cuda")
+    for name, (k, p, mp) in cfgs.items():
+        args = (x, None, 0.8, None, k, None, p, None, mp, None, 1, pos, 0, None, None, 0.0, None, 0.0, None, 1.0)
+        a, b = old.sample(*args), new.sample(*args)
+        same = torch.equal(a[0], b[0])
+        print(f"{name:24s} {B:4d} {V:7d} {time_us(lambda: old.sample(*args)):8.1f} {time_us(lambda: new.sample(*args)):8.1f}  same tokens: {same}", flush=True)
