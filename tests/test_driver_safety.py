@@ -96,8 +96,12 @@ def staged(target):
 
 
 def start_apply(target, series):
+    """An apply in a subprocess, as from a terminal: SIGINT at its default even when pytest itself
+    was started with it ignored (a background job of a non-interactive shell), since Python only
+    turns SIGINT into KeyboardInterrupt where it was not ignored at start-up."""
     argv = [sys.executable, "-m", "xllm_sampling.port.cli", "apply", "--target", str(target), "--series", str(series)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path: Path, proc=None, timeout=60.0) -> int:
