@@ -113,6 +113,7 @@ __device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, 
     const uint64_t key = keys[i];
     if (!key) continue;
     int r = 0;
+#pragma unroll 8  // independent shared loads: the loop is bound by their latency
     for (int j = 0; j < n; ++j) r += keys[j] > key;
     if (r < c) out[r] = key;
   }
@@ -126,6 +127,7 @@ __device__ inline uint64_t seed_floor(uint64_t mine, int c, Select& s) {
   s.seeds[threadIdx.x] = mine;
   __syncthreads();
   int r = 0;
+#pragma unroll 16  // independent shared loads: the loop is bound by their latency
   for (int k = 0; k < kThreads; ++k) r += s.seeds[k] > mine;
   if (r == c && mine) s.floor = mine;
   __syncthreads();

@@ -100,6 +100,7 @@ template <typename F>
 __device__ __forceinline__ int rank_of(int i, int n, F value) {
   const float v = value(i);
   int r = 0;
+#pragma unroll 4  // independent shared loads: the loop is bound by their latency
   for (int j = 0; j < n; ++j) {
     const float u = value(j);
     r += u > v || (u == v && j < i);
