@@ -118,7 +118,10 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
         rows = []
         for batch in batches:
             prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
-            params = sampling.SamplingParams(torch.full((batch,), 0.8), 50, 0.9, seed=torch.arange(batch))
+            # as generate passes them to each sampling step: the fixed settings on the device, the
+            # positions a host tensor
+            params = sampling.SamplingParams(torch.full((batch,), 0.8, device=device), 50, 0.9,
+                                             seed=torch.arange(batch, device=device))
             params.position = torch.full((batch,), 8, dtype=torch.int64)
             for name, values in configs:
                 with flags.override(**values):
