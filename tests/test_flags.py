@@ -92,6 +92,26 @@ def test_file_change_takes_effect_on_the_next_call(monkeypatch, tmp_path):
     assert flags.get("beam_search") is False
 
 
+def test_path_state_is_each_path_flag_from_every_source(monkeypatch, tmp_path):
+    """path_state (read once per graph replay, the flags file once for all its flags) gives what
+    get gives for each path flag, whichever source sets it, and follows a change at once."""
+    def expected():
+        return tuple(flags.get(name) for name in flags.path_flags())
+
+    assert flags.path_state() == expected() == tuple(flags.definition(n).default for n in flags.path_flags())
+    path = tmp_path / "flags.toml"
+    flags.write_file(path, {"sampler": False})
+    monkeypatch.setenv(flags.FLAGS_FILE_ENV, str(path))
+    monkeypatch.setenv("XLLM_USE_AIR_TOPK", "off")
+    flags.set("beam_search", False)
+    state = flags.path_state()
+    assert state == expected()
+    off = {name for name, on in zip(flags.path_flags(), state) if not on}
+    assert {"sampler", "air_topk", "beam_search"} <= off
+    flags.unset("beam_search")
+    assert flags.path_state() == expected() and flags.path_state() != state
+
+
 def test_malformed_flags_file_names_the_file(monkeypatch, tmp_path):
     path = tmp_path / "flags.toml"
     path.write_text("sampler = = true\n")

@@ -173,7 +173,7 @@ def _environ_get(var: str) -> str | None:
     return None if raw is None else os.environ.decodevalue(raw)
 
 
-_encoded_keys: dict[str, Any] = {}
+_encoded_keys: dict[str, Any] = {}  # variable -> its encoded key; flag name -> ((variable, key), ...)
 
 
 def _file_values() -> dict[str, Any]:
@@ -200,10 +200,20 @@ def _file_values() -> dict[str, Any]:
 
 
 def _env_value(d: FlagDef) -> tuple[str, str] | None:
-    for var in d.env_vars:
-        value = _environ_get(var)
-        if value is not None:
-            return var, value
+    """The first of ``d``'s environment variables that is set, and its value: by one lookup per
+    variable in the environment's own dict under its encoded key (encoded once per flag), where
+    CPython keeps one (see :func:`_environ_get`)."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return next(((var, env[var]) for var in d.env_vars if var in env), None)
+    keys = _encoded_keys.get(d.name)
+    if keys is None:
+        keys = _encoded_keys[d.name] = tuple((var, env.encodekey(var)) for var in d.env_vars)
+    for var, key in keys:
+        raw = data.get(key)
+        if raw is not None:
+            return var, env.decodevalue(raw)
     return None
 
 
@@ -214,10 +224,14 @@ def lookup(name: str) -> tuple[Any, str]:
     """The value of flag ``name`` and where it came from: ``code``, ``file``, ``env:VAR`` or
     ``default``. Every source is consulted on every call (each cheaply: the code values and the
     environment by one dict lookup, the flags file by one ``stat``), so a change applies to the next call."""
-    d = definition(name)
+    return _lookup(definition(name), _file_values())
+
+
+def _lookup(d: FlagDef, file_values: dict[str, Any]) -> tuple[Any, str]:
+    """:func:`lookup` of ``d`` with the flags file's values already read."""
+    name = d.name
     if name in _code_values:
         return _code_values[name], "code"
-    file_values = _file_values()
     if name in file_values:
         return file_values[name], "file"
     env = _env_value(d)
@@ -280,8 +294,10 @@ def path_flags() -> tuple[str, ...]:
 
 
 def path_state() -> tuple:
-    """The current values of :func:`path_flags`, read as every flag is (a change applies at once)."""
-    return tuple(get(name) for name in _PATH_FLAGS)
+    """The current values of :func:`path_flags`, read as every flag is (a change applies at once),
+    the flags file once for all of them."""
+    file_values = _file_values()
+    return tuple(_lookup(DEFINITIONS[name], file_values)[0] for name in _PATH_FLAGS)
 
 
 def snapshot() -> dict[str, Any]:
