@@ -173,7 +173,8 @@ def _environ_get(var: str) -> str | None:
     return None if raw is None else os.environ.decodevalue(raw)
 
 
-_encoded_keys: dict[str, Any] = {}  # variable -> its encoded key; flag name -> ((variable, key), ...)
+_encoded_keys: dict[str, Any] = {}  # variable -> its encoded key
+_flag_env_keys: dict[str, tuple[tuple[str, Any], ...]] = {}  # flag -> ((variable, encoded key), ...)
 
 
 def _file_values() -> dict[str, Any]:
@@ -207,9 +208,9 @@ def _env_value(d: FlagDef) -> tuple[str, str] | None:
     data = getattr(env, "_data", None)
     if type(data) is not dict:
         return next(((var, env[var]) for var in d.env_vars if var in env), None)
-    keys = _encoded_keys.get(d.name)
+    keys = _flag_env_keys.get(d.name)
     if keys is None:
-        keys = _encoded_keys[d.name] = tuple((var, env.encodekey(var)) for var in d.env_vars)
+        keys = _flag_env_keys[d.name] = tuple((var, env.encodekey(var)) for var in d.env_vars)
     for var, key in keys:
         raw = data.get(key)
         if raw is not None:
