@@ -173,8 +173,7 @@ def _environ_get(var: str) -> str | None:
     return None if raw is None else os.environ.decodevalue(raw)
 
 
-_encoded_keys: dict[str, Any] = {}  # variable -> its encoded key
-_flag_env_keys: dict[str, tuple[tuple[str, Any], ...]] = {}  # flag -> ((variable, encoded key), ...)
+_encoded_keys: dict[str, Any] = {}
 
 
 def _file_values() -> dict[str, Any]:
@@ -201,20 +200,10 @@ def _file_values() -> dict[str, Any]:
 
 
 def _env_value(d: FlagDef) -> tuple[str, str] | None:
-    """The first of ``d``'s environment variables that is set, and its value: by one lookup per
-    variable in the environment's own dict under its encoded key (encoded once per flag), where
-    CPython keeps one (see :func:`_environ_get`)."""
-    env = os.environ
-    data = getattr(env, "_data", None)
-    if type(data) is not dict:
-        return next(((var, env[var]) for var in d.env_vars if var in env), None)
-    keys = _flag_env_keys.get(d.name)
-    if keys is None:
-        keys = _flag_env_keys[d.name] = tuple((var, env.encodekey(var)) for var in d.env_vars)
-    for var, key in keys:
-        raw = data.get(key)
-        if raw is not None:
-            return var, env.decodevalue(raw)
+    for var in d.env_vars:
+        value = _environ_get(var)
+        if value is not None:
+            return var, value
     return None
 
 
