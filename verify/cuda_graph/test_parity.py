@@ -46,6 +46,20 @@ def test_sampler_off_keeps_the_callers_generator(device, graphs):
     assert sum(r.replays for r in engine.__dict__.get("_sample_graphs", {}).values()) == 0
 
 
+def test_generate_leaves_the_callers_params_as_they_were(device):
+    """generate copies the fixed settings to the device once and sets each step's positions on
+    its own copy of the params: the caller's object keeps its tensors (and no position), so a
+    second call with it gives the same tokens."""
+    engine = Engine(device=device)
+    prompts = torch.randint(1, engine.cfg.vocab, (3, 6), generator=torch.Generator().manual_seed(5))
+    temperature, seed = torch.full((3,), 0.8), torch.arange(3, dtype=torch.int64) + 1
+    params = SamplingParams(temperature, 20, 0.9, 0.0, seed)
+    first = engine.generate(prompts, 6, params)
+    assert params.temperature is temperature and params.seed is seed and params.position is None
+    assert temperature.device.type == "cpu" and torch.equal(temperature, torch.full((3,), 0.8))
+    assert torch.equal(engine.generate(prompts, 6, params)["tokens"], first["tokens"])
+
+
 def test_a_failed_decode_capture_falls_back_with_one_warning_and_no_lost_token(device):
     """The decode step made uncapturable (a host read of a GPU tensor; without a GPU the capture
     is tried and fails for want of one): one warning, every step run eagerly, the tokens of an
