@@ -107,14 +107,28 @@ __device__ inline uint64_t keep_largest(uint64_t* buffer, int* count, int c, Sel
 
 constexpr int kRankSelect = 512;  // up to this many keys, rank each by counting (one pass) instead of a radix select
 
+// How many of a[0, n) are above key. kUnroll > 0 unrolls the loop that many times (its shared
+// loads are independent, so it is bound by their latency): measured faster in the beam step's
+// update, slower in the sampler's top-k kernels at large batch; 0 leaves the loop to the compiler.
+template <int kUnroll>
+__device__ __forceinline__ int count_above(const uint64_t* a, int n, uint64_t key) {
+  int r = 0;
+  if constexpr (kUnroll > 0) {
+#pragma unroll kUnroll
+    for (int j = 0; j < n; ++j) r += a[j] > key;
+  } else {
+    for (int j = 0; j < n; ++j) r += a[j] > key;
+  }
+  return r;
+}
+
 // out[r] = the r-th largest of keys[0, n) for r < c (keys distinct where not 0; zeros are not ranked).
+template <bool kUnrolled>
 __device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, uint64_t* out) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const uint64_t key = keys[i];
     if (!key) continue;
-    int r = 0;
-#pragma unroll 8  // independent shared loads: the loop is bound by their latency
-    for (int j = 0; j < n; ++j) r += keys[j] > key;
+    const int r = count_above<kUnrolled ? 8 : 0>(keys, n, key);
     if (r < c) out[r] = key;
   }
 }
@@ -122,13 +136,12 @@ __device__ __forceinline__ void rank_select(const uint64_t* keys, int n, int c, 
 // A key below the block's c best, from each thread's best key `mine`: the (c + 1)-th largest of
 // the threads' bests (c of them are above it, so the c best are above it too; 0 when fewer than
 // c + 1 threads have a key). Filtering by it leaves a few times c keys instead of all of them.
+template <bool kUnrolled>
 __device__ inline uint64_t seed_floor(uint64_t mine, int c, Select& s) {
   if (threadIdx.x == 0) s.floor = 0;
   s.seeds[threadIdx.x] = mine;
   __syncthreads();
-  int r = 0;
-#pragma unroll 16  // independent shared loads: the loop is bound by their latency
-  for (int k = 0; k < kThreads; ++k) r += s.seeds[k] > mine;
+  const int r = count_above<kUnrolled ? 16 : 0>(s.seeds, kThreads, mine);
   if (r == c && mine) s.floor = mine;
   __syncthreads();
   const uint64_t floor = s.floor;
@@ -141,12 +154,13 @@ constexpr int kDirectRank = 128;  // up to this many keys, rank them all at once
 // out[r] = the r-th largest of keys[0, *count) for r < c (*count read after a barrier, at most
 // kCapacity; zeros are not keys): up to kDirectRank keys rank by counting at once; more are
 // filtered by seed_floor first, then ranked by counting, or by a radix select when many remain.
-// keys and *count are overwritten.
+// keys and *count are overwritten. kUnrolled: the ranking loops unrolled (count_above).
+template <bool kUnrolled>
 __device__ inline void select_top(uint64_t* keys, int* count, int c, uint64_t* out, Select& s) {
   constexpr int kPer = kCapacity / kThreads;
   const int n = *count;
   if (n <= kDirectRank) {
-    rank_select(keys, n, c, out);
+    rank_select<kUnrolled>(keys, n, c, out);
     __syncthreads();
     return;
   }
@@ -157,17 +171,17 @@ __device__ inline void select_top(uint64_t* keys, int* count, int c, uint64_t* o
     mine[j] = i < n ? keys[i] : 0;
     best = max(best, mine[j]);
   }
-  const uint64_t floor = seed_floor(best, c, s);
+  const uint64_t floor = seed_floor<kUnrolled>(best, c, s);
   if (threadIdx.x == 0) *count = 0;
   __syncthreads();
 #pragma unroll
   for (int j = 0; j < kPer; ++j) append(keys, count, mine[j] > floor, mine[j]);
   __syncthreads();
   if (*count <= kRankSelect) {
-    rank_select(keys, *count, c, out);
+    rank_select<kUnrolled>(keys, *count, c, out);
   } else {
     keep_largest(keys, count, c, s);
-    rank_select(keys, c, c, out);
+    rank_select<kUnrolled>(keys, c, c, out);
   }
   __syncthreads();
 }
@@ -393,8 +407,8 @@ struct Partial {
 // than c elements) and, returned in thread 0, the slice's Partial with sums in Acc. Needs
 // kStreamBytes of dynamic shared memory; every thread of the block calls it. BULK: x + begin
 // 16-byte aligned and the slice a whole number of 16-byte vectors, streamed by bulk copies through
-// kStages stages per warp; otherwise the lanes copy element by element.
-template <typename T, bool BULK, typename Acc>
+// kStages stages per warp; otherwise the lanes copy element by element. kUnrolled: select_top's.
+template <typename T, bool BULK, typename Acc, bool kUnrolled>
 __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, int64_t end, int c, float scale,
                                        uint64_t* out) {
   constexpr int VEC = 16 / sizeof(T), kTileElems = kStageBytes / sizeof(T), kGroups = kTileElems / (32 * VEC);
@@ -505,7 +519,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
   for (int j = 0; j < kPer; ++j) append(keys, &count, mine[j] != 0, mine[j]);
   __syncthreads();
   for (int i = count + threadIdx.x; i < c; i += kThreads) out[i] = 0;  // a slice of fewer than c elements
-  select_top(keys, &count, c, out, sel);
+  select_top<kUnrolled>(keys, &count, c, out, sel);
   Partial<Acc> slice{-kInf, 0};
   if (threadIdx.x == 0) {
     for (int w = 0; w < kWarps; ++w) combine(slice.max, slice.sum, warp_partial[w].max, warp_partial[w].sum, scale);

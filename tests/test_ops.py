@@ -177,15 +177,59 @@ def test_graph_replay_equals_eager_bit_for_bit(batch):
     assert runner.captures == (1 if batch <= 256 else 0) and runner.replays == (3 if batch <= 256 else 0)
 
 
+def test_graph_runner_advances_positions_in_place_on_cpu():
+    """``advance`` on the eager path: the caller's tensor moves on by one after each call; static
+    inputs are the caller's own tensors where no graph is used."""
+    runner = GraphRunner(lambda x, position: x + position, advance=(1,))
+    x, position = torch.zeros(3), torch.tensor([5, 6, 7])
+    assert runner.static_inputs(x, position)[1] is position
+    assert torch.equal(runner(x, position), torch.tensor([5.0, 6.0, 7.0]))
+    assert torch.equal(runner(x, position), torch.tensor([6.0, 7.0, 8.0]))
+    assert torch.equal(position, torch.tensor([7, 8, 9])) and runner.eager_calls == 2
+
+
 @pytest.mark.cuda
-def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call():
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("static", [False, True])
+def test_graph_replay_with_advanced_positions_equals_eager_bit_for_bit(batch, static):
+    """Positions advanced by the runner (in the graph, and in the caller's tensor) draw what eager
+    calls at the same positions draw, passed as the caller's tensors or as the static inputs (changed
+    in place between calls: the next replay sees the change); padded buckets (5 -> 8) included."""
+    def step(logits, temperature, seed, position):
+        return xs.sample(logits, temperature=temperature, top_k=50, top_p=0.9, seed=seed, position=position)
+
+    g = torch.Generator("cuda").manual_seed(batch)
+    logits = torch.randn(batch, 32000, device="cuda", generator=g) * 3
+    settings = (torch.full((batch,), 0.8, device="cuda"), torch.arange(batch, device="cuda"))
+    start = torch.arange(batch, device="cuda") * 7
+    runner = GraphRunner(step, advance=(3,))
+    inputs = (logits, *settings, start.clone())
+    if static:
+        inputs = runner.static_inputs(*inputs)
+    for call in range(4):
+        if static and call == 2:
+            inputs[1].fill_(1.3)  # a setting changed in place: seen by the next replay
+        temperature = inputs[1].clone()
+        eager = step(logits, temperature, settings[1], start + call)
+        graphed = runner(*inputs)
+        assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.logprobs, eager.logprobs), call
+        assert torch.equal(inputs[3], start + call + 1)
+    assert runner.captures == 1 and runner.replays == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("static", [False, True])
+def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call(static):
     """Step flags toggled while graphs exist: the next call runs the new path (a graph captured for
-    it), toggling back replays the first graph; each result equals eager under the same flags."""
+    it), toggling back replays the first graph; each result equals eager under the same flags. The
+    graphs of a bucket share its static inputs: a caller passing them is right under either."""
     def step(logits):
         return xs.air_topk_last_dim(xs.logit_softmax(logits, 0.8), 50)
 
     runner = GraphRunner(step)
-    x = torch.randn(8, 32000, device="cuda") * 3
+    x = torch.randn(8, 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(8)) * 3
+    if static:
+        x, = runner.static_inputs(x)
     for on in (True, False, True, False):
         with flags.override(logit_softmax=on, air_topk=on):
             (graphed_values, graphed_indices), (values, indices) = runner(x), step(x)

@@ -21,7 +21,7 @@ import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .paths import FLAGS_FILE
 
@@ -283,11 +283,16 @@ def path_flags() -> tuple[str, ...]:
     return _PATH_FLAGS
 
 
-def path_state() -> tuple:
-    """The current values of :func:`path_flags`, read as every flag is (a change applies at once),
-    the flags file once for all of them."""
+def values(names: Iterable[str]) -> tuple:
+    """The current values of the flags ``names``, read as :func:`get` reads each (a change applies
+    at once), the flags file once for all of them."""
     file_values = _file_values()
-    return tuple(_lookup(DEFINITIONS[name], file_values)[0] for name in _PATH_FLAGS)
+    return tuple(_lookup(DEFINITIONS[name], file_values)[0] for name in names)
+
+
+def path_state() -> tuple:
+    """The current values of :func:`path_flags` (see :func:`values`)."""
+    return values(_PATH_FLAGS)
 
 
 def snapshot() -> dict[str, Any]:

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2) candidates_kernel(const T* __rest
   const int64_t begin = split * chunk, end = min(begin + chunk, vocab);
   xllm::launch_dependents();  // update_kernel's blocks may take free room now; they wait for this grid
   if (threadIdx.x == 0 && row == 0 && split == 0) *ws.step = *steps;
-  const slice::Partial<float> p = slice::slice_top_keys<T, BULK, float>(logits + row * vocab, begin, end, c, kLog2e,
+  const slice::Partial<float> p = slice::slice_top_keys<T, BULK, float, true>(logits + row * vocab, begin, end, c, kLog2e,
                                                                         ws.keys + (row * splits + split) * c);
   if (threadIdx.x == 0) ws.partial[row * splits + split] = make_float2(p.max, p.sum);
 }
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   }
   __syncthreads();
   // 3. the C best, ranked
-  select_top(keys, &count, C, ranked, sel);
+  select_top<true>(keys, &count, C, ranked, sel);
   if (threadIdx.x < C) {
     const uint64_t key = ranked[threadIdx.x];
     const int64_t flat = rank_index(key);

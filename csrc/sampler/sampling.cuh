@@ -446,7 +446,7 @@ static __device__ __noinline__ void draw_listed(uint64_t* list, int total, int k
                                          double row_sum, int64_t* token, float* logprob) {
   if (threadIdx.x == 0) *count = total;
   __syncthreads();
-  slice::select_top(list, count, k, scratch->top.ranked, scratch->select);
+  slice::select_top<false>(list, count, k, scratch->top.ranked, scratch->select);
   const int r = draw_ranked(scratch->top, k, weight_scale(t), min_p, top_p, seed, position);
   if (threadIdx.x == 0) {
     const uint64_t key = scratch->top.ranked[r];

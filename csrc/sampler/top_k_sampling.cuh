@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(slice::kThreads, 2) top_k_candidates_kernel(co
   const int64_t row = blockIdx.y, split = blockIdx.x, slices = gridDim.x;
   const int64_t begin = split * chunk, end = min(begin + chunk, a.vocab);
   xllm::launch_dependents();  // top_k_draw_kernel's blocks may take free room now; they wait for this grid
-  const slice::Partial<double> p = slice::slice_top_keys<T, BULK, double>(
+  const slice::Partial<double> p = slice::slice_top_keys<T, BULK, double, false>(
       logits + row * a.vocab, begin, end, k, weight_scale(a.temperature[row]), w.keys + (row * slices + split) * k);
   if (threadIdx.x == 0) w.partial[row * slices + split] = p;
 }
@@ -82,7 +82,7 @@ static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int 
     }
     return;
   }
-  slice::select_top(keys, &count, k, list.ranked, sel);  // the top k, descending
+  slice::select_top<false>(keys, &count, k, list.ranked, sel);  // the top k, descending
   const float best = rank_value(list.ranked[0]);
   int rank = 0;
   if (t != 0.f) {

@@ -27,9 +27,11 @@ def stripped(tmp_path_factory):
     package = root / "xllm_sampling_no_nvtx"
     package.mkdir()
     rewritten = 0
-    for source in (PROJECT_ROOT / "xllm_sampling").glob("*.py"):
+    for source in (PROJECT_ROOT / "xllm_sampling").rglob("*.py"):  # the ops live in xllm_sampling/ops/
         text, n = RANGE.subn(r"\1if True:", source.read_text())
-        (package / source.name).write_text(text)
+        copy = package / source.relative_to(PROJECT_ROOT / "xllm_sampling")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
         rewritten += n
     assert rewritten >= 4, "expected the ops' NVTX ranges to rewrite"
     for resource in ("csrc", "flags", "patches", "target"):

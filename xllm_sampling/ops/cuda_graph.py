@@ -181,56 +181,109 @@ class GraphRunner:
     ``fn`` must be a pure function of its tensor arguments (any other setting baked in by a
     closure) and return a tensor or a tuple / NamedTuple of tensors whose first dim is the batch.
     Outputs are returned as fresh tensors, never the graph's static buffers.
+
+    A call copies each input into its bucket's static input unless it is that static input
+    already: :meth:`static_inputs` hands out those buffers, so that a caller who keeps passing them
+    (and changes them in place between calls, if it likes) pays no copy. The graphs of one bucket
+    (one per flags state) share its static inputs. ``advance``: positions of inputs (integer
+    tensors, e.g. sampling positions) that every call increments by one after ``fn`` ran -- in the
+    graph when it replays, in place in the caller's tensor in every case -- so that a caller who
+    passes the same tensor each step draws new numbers with no host work.
     """
 
-    def __init__(self, fn: Callable, buckets=DEFAULT_BUCKETS, name: str = "step"):
-        self.fn, self.buckets, self.name = fn, tuple(sorted(buckets)), name
-        self._graphs: dict[tuple, _Captured | None] = {}
+    def __init__(self, fn: Callable, buckets=DEFAULT_BUCKETS, name: str = "step", advance=()):
+        self.fn, self.buckets, self.name, self.advance = fn, tuple(sorted(buckets)), name, tuple(advance)
+        self._static: dict[tuple, list[torch.Tensor]] = {}  # (bucket, input signature) -> static inputs
+        self._graphs: dict[tuple, _Captured | None] = {}  # (bucket, signature, flags state) -> graph
         self.captures = self.replays = self.eager_calls = 0
         _runners.add(self)
-
-    def _bucket(self, batch: int) -> int | None:
-        limit = flags.get("cuda_graph_max_batch")
-        return next((b for b in self.buckets if b >= batch and b <= limit), None)
 
     def __call__(self, *inputs: torch.Tensor):
         out = self._run(*inputs)
         publish()
         return out
 
-    def _run(self, *inputs: torch.Tensor):
+    def static_inputs(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors to pass at every call for batches shaped like ``inputs``: their bucket's
+        static inputs (views of the first ``batch`` rows) holding ``inputs``' values. ``inputs``
+        themselves where no graph is used now (CPU, the ``cuda_graph`` flag off, a batch above
+        every bucket); passing those later is correct too, with a copy per call."""
+        signature = self._signature(inputs)
+        if signature is None:
+            return inputs
         batch = inputs[0].shape[0]
-        bucket = self._bucket(batch)
-        if not (flags.enabled("cuda_graph") and inputs[0].is_cuda and bucket is not None):
-            self.eager_calls += 1
-            return self.fn(*inputs)
-        # A graph replays the code path the flags chose at its capture: toggling a step's flag
-        # selects (or captures) another graph, and toggling it back replays the first again.
-        key = (bucket, flags.path_state()) + tuple((t.shape[1:], t.dtype, t.device) for t in inputs)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(bucket, inputs)
-            publish(force=True)
-        captured = self._graphs[key]
-        if captured is None:
-            self.eager_calls += 1
-            return self.fn(*inputs)
-        with nvtx.range("cuda_graph/replay"):
-            for static, t in zip(captured.inputs, inputs):
-                static[:batch].copy_(t)
-            captured.graph.replay()
-            self.replays += 1
-            log.debug("%s: replayed graph for bucket %d (batch %d)", self.name, bucket, batch)
-            return _map_output(captured.output, lambda t: t[:batch].clone())
+        static = self._static_for(signature, inputs)
+        for s, t in zip(static, inputs):
+            s[:batch].copy_(t, non_blocking=True)  # from the host too: not waiting for queued work
+        return tuple(s[:batch] for s in static)
 
-    def _capture(self, bucket: int, inputs) -> _Captured | None:
-        with nvtx.range("cuda_graph/capture"):
-            start = time.perf_counter()
+    def _signature(self, inputs) -> tuple | None:
+        """(bucket, each input's trailing shape and dtype, device), or None where no graph is used."""
+        first = inputs[0]
+        graphs_on, limit = flags.values(("cuda_graph", "cuda_graph_max_batch"))
+        if not (graphs_on and first.is_cuda):
+            return None
+        batch = first.shape[0]
+        bucket = next((b for b in self.buckets if b >= batch), None)
+        if bucket is None or bucket > limit:
+            return None
+        return (bucket, first.device) + tuple((t.shape[1:], t.dtype) for t in inputs)
+
+    def _static_for(self, signature: tuple, inputs) -> list[torch.Tensor]:
+        """The static inputs of ``signature`` (on its device), made on first use from ``inputs``
+        (rows past the batch padded with its first row, a valid input)."""
+        static = self._static.get(signature)
+        if static is None:
+            (bucket, device), batch = signature[:2], inputs[0].shape[0]
             static = []
             for t in inputs:
-                s = t.new_empty((bucket,) + tuple(t.shape[1:]))
-                s[: t.shape[0]].copy_(t)
-                s[t.shape[0]:].copy_(t[:1].expand_as(s[t.shape[0]:]))  # pad with a valid row
+                s = torch.empty((bucket,) + tuple(t.shape[1:]), dtype=t.dtype, device=device)
+                s[:batch].copy_(t)
+                s[batch:].copy_(t[:1].expand_as(s[batch:]))
                 static.append(s)
+            self._static[signature] = static
+        return static
+
+    def _eager(self, inputs):
+        self.eager_calls += 1
+        out = self.fn(*inputs)
+        for i in self.advance:
+            inputs[i].add_(1)
+        return out
+
+    def _run(self, *inputs: torch.Tensor):
+        signature = self._signature(inputs)
+        if signature is None:
+            return self._eager(inputs)
+        # A graph replays the code path the flags chose at its capture: toggling a step's flag
+        # selects (or captures) another graph, and toggling it back replays the first again.
+        key = (signature, flags.path_state())
+        captured = self._graphs.get(key, False)
+        if captured is False:
+            captured = self._graphs[key] = self._capture(signature, inputs)
+            publish(force=True)
+        if captured is None:
+            return self._eager(inputs)
+        batch = inputs[0].shape[0]
+        with nvtx.range("cuda_graph/replay"):
+            copied = []
+            for i, (s, t) in enumerate(zip(captured.inputs, inputs)):
+                if t.data_ptr() != s.data_ptr() or t.stride() != s.stride():
+                    s[:batch].copy_(t, non_blocking=True)  # from the host too: not waiting for queued work
+                    copied.append(i)
+            captured.graph.replay()
+            for i in self.advance:
+                if i in copied:  # the graph advanced its own copy: the caller's tensor too
+                    inputs[i].add_(1)
+            self.replays += 1
+            log.debug("%s: replayed graph for bucket %d (batch %d)", self.name, signature[0], batch)
+            return _map_output(captured.output, lambda t: t[:batch].clone())
+
+    def _capture(self, signature: tuple, inputs) -> _Captured | None:
+        bucket = signature[0]
+        with nvtx.range("cuda_graph/capture"):
+            start = time.perf_counter()
+            static = self._static_for(signature, inputs)
             try:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -241,6 +294,8 @@ class GraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     output = self.fn(*static)
+                    for i in self.advance:
+                        static[i].add_(1)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
                 _capture_failed(f"{self.name} for batch bucket {bucket}", e)
                 return None

@@ -1,7 +1,7 @@
 """Where the engine's graphed sampling step spends its batch-1 wall time: the sampler eagerly, the
-GraphRunner call as the engine makes it, and the replay's parts one by one (graph key, input
-copies, replay, output clones), wall us per call back to back (best of 5 rounds of 200), V =
-151936 fp32, top-k 50 + top-p 0.9, temperature 0.8. Run on the device from the repository root
+GraphRunner call with each way of passing its inputs, and the replay's parts one by one (flags
+state, replay, output clones), wall us per call back to back (best of 5 rounds of 200), V = 151936
+fp32, top-k 50 + top-p 0.9, temperature 0.8. Run on the device from the repository root
 (PYTHONPATH=.)."""
 import time
 import torch
@@ -34,23 +34,25 @@ seed = torch.zeros(1, dtype=torch.int64, device="cuda")
 pos_host = torch.full((1,), 8, dtype=torch.int64)
 pos = pos_host.to("cuda")
 runner = GraphRunner(step, name="probe")
+advancing = GraphRunner(step, name="probe_advance", advance=(3,))
+_, t_s, seed_s, _ = runner.static_inputs(x, t, seed, pos)
+all_static = advancing.static_inputs(x, t, seed, pos)
 for _ in range(3):
-    runner(x, t, seed, pos)
+    runner(x, t, seed, pos), advancing(*all_static)
 (key, captured), = runner._graphs.items()
 assert captured is not None, "no graph was captured"
-inputs = (x, t, seed, pos)
 rows = [
     ("sample() eager", lambda: step(x, t, seed, pos)),
-    ("runner(x, t, seed, pos)", lambda: runner(x, t, seed, pos)),
-    ("runner, position copied from the host", lambda: runner(x, t, seed, pos_host.to("cuda", non_blocking=True))),
+    ("runner, the caller's tensors (4 copies)", lambda: runner(x, t, seed, pos)),
+    ("runner, settings static, host position", lambda: runner(x, t_s, seed_s, pos_host)),
+    ("runner, all static, advance (no copy)", lambda: advancing(*all_static)),
     ("flags.path_state()", flags.path_state),
-    ("graph key", lambda: (1, flags.path_state()) + tuple((i.shape[1:], i.dtype, i.device) for i in inputs)),
-    ("four input copies", lambda: [s[:1].copy_(i) for s, i in zip(captured.inputs, inputs)]),
-    ("logits copy alone", lambda: captured.inputs[0][:1].copy_(x)),
+    ("flags.values(cuda_graph, max batch)", lambda: flags.values(("cuda_graph", "cuda_graph_max_batch"))),
     ("graph.replay()", captured.graph.replay),
     ("two output clones", lambda: [o[:1].clone() for o in captured.output]),
-    ("position to device (non_blocking)", lambda: pos_host.to("cuda", non_blocking=True)),
+    ("logits copy alone", lambda: captured.inputs[0][:1].copy_(x)),
+    ("position copy from the host", lambda: captured.inputs[3][:1].copy_(pos_host, non_blocking=True)),
 ]
 print("#", torch.cuda.get_device_name(), "torch", torch.__version__, "wall us per call, B=1, V=151936")
 for name, f in rows:
-    print(f"{name:40s} {wall(f):8.1f}", flush=True)
+    print(f"{name:42s} {wall(f):8.1f}", flush=True)

@@ -2,7 +2,7 @@
 `mkdir -p probe/old_csrc && git archive main csrc | tar -x -C probe/old_csrc`) against this
 tree's, side by side in one process: median device time per call with the L2 flushed (us), and
 whether both draw the same tokens. Run on the device from the repository root (PYTHONPATH=.,
-carry probe)."""
+carry probe). SBS_SHAPES="64x151936,256x32000" picks other (batch x vocab) shapes."""
 import os, statistics, torch
 from torch.utils import cpp_extension
 from xllm_sampling import kernels
@@ -24,7 +24,8 @@ cfgs = {"top-k 50 + top-p 0.9": (50, 0.9, 0.0), "top-k 50": (50, 1.0, 0.0), "top
         "top-k 50 + min-p 0.1": (50, 1.0, 0.1), "top-k 128 + top-p 0.9": (128, 0.9, 0.0), "top-k 200": (200, 1.0, 0.0)}
 print("# NVIDIA", torch.cuda.get_device_name(), "torch", torch.__version__, "fp32, temperature 0.8, us (median of 60, L2 flushed)")
 print(f"{'config':24s} {'B':>4s} {'V':>7s} {'before':>8s} {'after':>8s}")
-for B, V in ((1, 32000), (1, 151936), (16, 32000), (16, 151936), (64, 32000)):
+shapes = os.environ.get("SBS_SHAPES", "1x32000,1x151936,16x32000,16x151936,64x32000")
+for B, V in (tuple(map(int, s.split("x"))) for s in shapes.split(",")):
     x = torch.randn(B, V, device="cuda", generator=torch.Generator("cuda").manual_seed(B + V)) * 3
     pos = torch.arange(B, device="cuda")
     for name, (k, p, mp) in cfgs.items():
