@@ -218,6 +218,26 @@ def test_graph_replay_with_advanced_positions_equals_eager_bit_for_bit(batch, st
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("batch", [3, 4])
+def test_graph_outputs_not_copied_are_the_graphs_buffers_rewritten_by_the_next_call(batch):
+    """copy_outputs=False: each call's outputs equal eager's and are views of the graph's own
+    buffers (the same storage every call; padded bucket 3 -> 4 cut to the batch)."""
+    def step(x, position):
+        return xs.sample(x, temperature=0.8, top_k=20, position=position)
+
+    x = torch.randn(batch, 1000, device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+    runner = GraphRunner(step, copy_outputs=False)
+    outputs = []
+    for position in range(3):
+        out = runner(x, torch.full((batch,), position, device="cuda"))
+        eager = step(x, torch.full((batch,), position, device="cuda"))
+        assert out.tokens.shape == (batch,) and torch.equal(out.tokens, eager.tokens)
+        assert torch.equal(out.logprobs, eager.logprobs)
+        outputs.append(out.tokens)
+    assert runner.replays == 3 and len({o.data_ptr() for o in outputs}) == 1
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("static", [False, True])
 def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call(static):
     """Step flags toggled while graphs exist: the next call runs the new path (a graph captured for

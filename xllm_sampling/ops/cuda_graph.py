@@ -82,6 +82,7 @@ atexit.register(publish, True)
 
 log = logging.getLogger("xllm_sampling.cuda_graph")  # the name the docs give users
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_FLAGS_READ = ("cuda_graph", "cuda_graph_max_batch") + flags.path_flags()  # a GraphRunner call's flags
 
 
 class _Captured:
@@ -180,7 +181,9 @@ class GraphRunner:
 
     ``fn`` must be a pure function of its tensor arguments (any other setting baked in by a
     closure) and return a tensor or a tuple / NamedTuple of tensors whose first dim is the batch.
-    Outputs are returned as fresh tensors, never the graph's static buffers.
+    Outputs are returned as fresh tensors, or with ``copy_outputs`` False as the graph's own
+    buffers (views of the first ``batch`` rows), rewritten by the bucket's next call: read or copy
+    them before then (a copy per output costs more host time than the replay itself at batch 1).
 
     A call copies each input into its bucket's static input unless it is that static input
     already: :meth:`static_inputs` hands out those buffers, so that a caller who keeps passing them
@@ -191,8 +194,9 @@ class GraphRunner:
     passes the same tensor each step draws new numbers with no host work.
     """
 
-    def __init__(self, fn: Callable, buckets=DEFAULT_BUCKETS, name: str = "step", advance=()):
+    def __init__(self, fn: Callable, buckets=DEFAULT_BUCKETS, name: str = "step", advance=(), copy_outputs=True):
         self.fn, self.buckets, self.name, self.advance = fn, tuple(sorted(buckets)), name, tuple(advance)
+        self.copy_outputs = copy_outputs
         self._static: dict[tuple, list[torch.Tensor]] = {}  # (bucket, input signature) -> static inputs
         self._graphs: dict[tuple, _Captured | None] = {}  # (bucket, signature, flags state) -> graph
         self.captures = self.replays = self.eager_calls = 0
@@ -208,7 +212,7 @@ class GraphRunner:
         static inputs (views of the first ``batch`` rows) holding ``inputs``' values. ``inputs``
         themselves where no graph is used now (CPU, the ``cuda_graph`` flag off, a batch above
         every bucket); passing those later is correct too, with a copy per call."""
-        signature = self._signature(inputs)
+        signature = self._signature(inputs, *flags.values(("cuda_graph", "cuda_graph_max_batch")))
         if signature is None:
             return inputs
         batch = inputs[0].shape[0]
@@ -217,10 +221,10 @@ class GraphRunner:
             s[:batch].copy_(t, non_blocking=True)  # from the host too: not waiting for queued work
         return tuple(s[:batch] for s in static)
 
-    def _signature(self, inputs) -> tuple | None:
-        """(bucket, each input's trailing shape and dtype, device), or None where no graph is used."""
+    def _signature(self, inputs, graphs_on: bool, limit: int) -> tuple | None:
+        """(bucket, device, each input's trailing shape and dtype), or None where no graph is used
+        (``graphs_on``, ``limit``: the flags cuda_graph and cuda_graph_max_batch)."""
         first = inputs[0]
-        graphs_on, limit = flags.values(("cuda_graph", "cuda_graph_max_batch"))
         if not (graphs_on and first.is_cuda):
             return None
         batch = first.shape[0]
@@ -252,12 +256,13 @@ class GraphRunner:
         return out
 
     def _run(self, *inputs: torch.Tensor):
-        signature = self._signature(inputs)
+        graphs_on, limit, *path_state = flags.values(_FLAGS_READ)  # the flags file read once
+        signature = self._signature(inputs, graphs_on, limit)
         if signature is None:
             return self._eager(inputs)
         # A graph replays the code path the flags chose at its capture: toggling a step's flag
         # selects (or captures) another graph, and toggling it back replays the first again.
-        key = (signature, flags.path_state())
+        key = (signature, tuple(path_state))
         captured = self._graphs.get(key, False)
         if captured is False:
             captured = self._graphs[key] = self._capture(signature, inputs)
@@ -277,7 +282,9 @@ class GraphRunner:
                     inputs[i].add_(1)
             self.replays += 1
             log.debug("%s: replayed graph for bucket %d (batch %d)", self.name, signature[0], batch)
-            return _map_output(captured.output, lambda t: t[:batch].clone())
+            if self.copy_outputs:
+                return _map_output(captured.output, lambda t: t[:batch].clone())
+            return captured.output if batch == signature[0] else _map_output(captured.output, lambda t: t[:batch])
 
     def _capture(self, signature: tuple, inputs) -> _Captured | None:
         bucket = signature[0]

@@ -35,10 +35,12 @@ pos_host = torch.full((1,), 8, dtype=torch.int64)
 pos = pos_host.to("cuda")
 runner = GraphRunner(step, name="probe")
 advancing = GraphRunner(step, name="probe_advance", advance=(3,))
+views = GraphRunner(step, name="probe_views", advance=(3,), copy_outputs=False)
 _, t_s, seed_s, _ = runner.static_inputs(x, t, seed, pos)
 all_static = advancing.static_inputs(x, t, seed, pos)
+view_inputs = views.static_inputs(x, t, seed, pos)
 for _ in range(3):
-    runner(x, t, seed, pos), advancing(*all_static)
+    runner(x, t, seed, pos), advancing(*all_static), views(*view_inputs)
 (key, captured), = runner._graphs.items()
 assert captured is not None, "no graph was captured"
 rows = [
@@ -46,6 +48,7 @@ rows = [
     ("runner, the caller's tensors (4 copies)", lambda: runner(x, t, seed, pos)),
     ("runner, settings static, host position", lambda: runner(x, t_s, seed_s, pos_host)),
     ("runner, all static, advance (no copy)", lambda: advancing(*all_static)),
+    ("  and outputs not copied", lambda: views(*view_inputs)),
     ("flags.path_state()", flags.path_state),
     ("flags.values(cuda_graph, max batch)", lambda: flags.values(("cuda_graph", "cuda_graph_max_batch"))),
     ("graph.replay()", captured.graph.replay),
