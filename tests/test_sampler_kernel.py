@@ -100,6 +100,24 @@ def test_kernel_draws_the_torch_paths_tokens(batch, vocab, config):
     assert logprobs_agree(out.logprobs, ref.logprobs, TOP_K_LOGPROB_ABS if takes_top_k_kernels(kw, batch, vocab) else 0.0)
 
 
+@pytest.mark.parametrize("k", [1, 50, 128, 129, 300])
+@pytest.mark.parametrize("outlier", [6.0, 8.0, 30.0])
+def test_top_k_rows_whose_first_bound_is_too_wide_for_the_list(k, outlier):
+    """A maximum far above the rest makes the doubling levels' bound hold thousands of tokens
+    (randn rows, t = 1: the level 5.5 below a max of 8 holds ~900 of 151936); the refined bound
+    (refine_bound) or the radix select must still give the torch path's tokens and logprobs. Some
+    rows tie values at the refined levels (rounded to 1/8)."""
+    g = torch.Generator("cuda").manual_seed(int(outlier) * 1000 + k)
+    logits = torch.randn(16, 151936, device="cuda", generator=g)
+    logits[8:] = (logits[8:] * 8).round() / 8
+    logits[:, 777] = outlier
+    kw = dict(top_k=k, top_p=0.95, temperature=1.0, seed=torch.arange(16, device="cuda") * 3 + 1,
+              position=torch.arange(16, device="cuda") + 7)
+    out, ref = xs.sample(logits, **kw), torch_path(logits, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert logprobs_agree(out.logprobs, ref.logprobs)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1001, 151936])
 def test_half_logits_with_many_ties(dtype, vocab):

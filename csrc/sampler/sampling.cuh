@@ -140,6 +140,7 @@ struct Shared {
   double total, top_k_mass, block_mass[kMaxCluster];
   uint32_t digit_prefix;
   float lower;
+  int level;  // top_k_bound's level index
   int gather_total, gather_offset[kMaxCluster + 1], gather_count;
   uint64_t kth;
   int digit_target, eq_before, eq_own, chosen_block, walk_result, chosen_index;
@@ -268,17 +269,24 @@ __device__ __forceinline__ void choose_block(double mass, double target, Shared&
   }
 }
 
-// The top-k bound's levels: x >= max - 2^j / c, that is w >= 2^-(2^j).
+// The top-k bound's levels: x >= max - 2^j / c, that is w >= 2^-(2^j); refined (0 <= within <
+// kLevels, see refine_bound): kLevels levels evenly spaced from level within - 1 (the max for 0)
+// down to level within, the last.
 __device__ __forceinline__ float level_of(int j, float row_max, float c) { return row_max - static_cast<float>(1 << j) / c; }
+__device__ __forceinline__ float level_at(int j, float row_max, float c, int within) {
+  if (within < 0 || j == kLevels - 1) return level_of(within < 0 ? j : within, row_max, c);
+  const float lo = level_of(within, row_max, c), hi = within == 0 ? row_max : level_of(within - 1, row_max, c);
+  return hi + (lo - hi) * static_cast<float>(j + 1) / kLevels;
+}
 
-// This block's counts of tokens at each level, added into h[0..kLevels) (zeroed beforehand;
-// read across the cluster after the next exchange).
-__device__ inline void count_levels(const float* cache, int n, float row_max, float c, int* h) {
+// This block's counts of tokens at each level x >= level_at(j, ..., within) (ascending distance
+// from the max), added into h[0..kLevels) (zeroed beforehand; read across the cluster after the next exchange).
+__device__ inline void count_levels(const float* cache, int n, float row_max, float c, int within, int* h) {
   float level[kLevels];
   int count[kLevels];
 #pragma unroll
   for (int j = 0; j < kLevels; ++j) {
-    level[j] = level_of(j, row_max, c);
+    level[j] = level_at(j, row_max, c, within);
     count[j] = 0;
   }
   const Range range = range_of(n);
@@ -294,11 +302,13 @@ __device__ inline void count_levels(const float* cache, int n, float row_max, fl
   }
 }
 
-// The candidates' bound of a row's top k (1 <= k < vocab), from the level counts of count_levels
-// (sh.hist[1], exchanged): the smallest level set holding k tokens holds the top k. Sets
-// sh.lower (that level, -inf when none holds k) and each block's place in the row's list of the
-// set's tokens; returns the set's size (INT32_MAX when no level holds k) to every thread.
-__device__ inline int top_k_bound(cg::cluster_group& cluster, int64_t k, float row_max, float c, Shared& sh) {
+// The candidates' bound of a row's top k (1 <= k < vocab), from the counts of count_levels at the
+// same levels (sh.hist[1], exchanged): the smallest level set holding k tokens holds the top k. Sets
+// sh.lower (that level, -inf when none holds k), sh.level (its index) and each block's place in
+// the row's list of the set's tokens; returns the set's size (INT32_MAX when no level holds k) to
+// every thread.
+__device__ inline int top_k_bound(cg::cluster_group& cluster, int64_t k, float row_max, float c, int within,
+                                  Shared& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const unsigned blocks = cluster.num_blocks();
   if (warp == 0) {  // lane r reads block r's counts, all loads in flight at once
@@ -319,12 +329,31 @@ __device__ inline int top_k_bound(cg::cluster_group& cluster, int64_t k, float r
     if (lane == 0) {
       sh.gather_offset[0] = 0;
       sh.gather_count = 0;
-      sh.lower = level < kLevels ? level_of(level, row_max, c) : -INFINITY;
+      sh.lower = level < kLevels ? level_at(level, row_max, c, within) : -INFINITY;
+      sh.level = level;
       sh.gather_total = level < kLevels ? total : INT32_MAX;
     }
   }
   __syncthreads();
   return sh.gather_total;
+}
+
+// A tighter bound when top_k_bound's set is too large for the list (the levels double their
+// distance from the max, so a set can hold tens of times k tokens): kLevels levels evenly spaced
+// from the level above (fewer than k tokens; the max for level 0) down to the chosen one, counted
+// over the chunk again, for rows that the list can take (k <= slice::kMaxKeys). Costs two cluster
+// barriers and one pass over the cached chunk (measured 1-2 us where the set stays too large, at
+// k = 200), against the radix select over the large set (top_k_cut: 8-13 us more at k = 50,
+// V = 151936); same set rule, so the same top k.
+__device__ inline int refine_bound(cg::cluster_group& cluster, const float* cache, int n, int64_t k, float row_max,
+                                   float c, Shared& sh) {
+  const int within = sh.level;  // read after top_k_bound's barrier
+  cluster.sync();                // every block has read the first counts
+  if (threadIdx.x < kLevels) sh.hist[1][threadIdx.x] = 0;
+  __syncthreads();
+  count_levels(cache, n, row_max, c, within, sh.hist[1]);
+  cluster.sync();
+  return top_k_bound(cluster, k, row_max, c, within, sh);
 }
 
 // The row's list of the `total` (<= kGather) tokens at or above sh.lower as rank keys, in `list`
@@ -624,7 +653,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 
   // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies. The top-k
   // bound's level counts travel with this exchange.
-  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, sh.hist[1]);
+  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, -1, sh.hist[1]);
   const double row_sum =
       invalid ? 0.0
               : exchange_mass(tiled ? block_mass(cache, n, sh, w_tiled) : block_mass(cache, n, sh, w_of), 0.0, nullptr);
@@ -637,7 +666,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
   bool listed = false;
   if (!done && k_on) {
-    const int total = top_k_bound(cluster, k, row_max, c, sh);
+    int total = top_k_bound(cluster, k, row_max, c, -1, sh);
+    if (total > kGather && total != INT32_MAX && k <= slice::kMaxKeys) {  // a list row, if the set shrinks enough
+      total = refine_bound(cluster, cache, n, k, row_max, c, sh);
+    }
     listed = total <= kGather && k <= slice::kMaxKeys;
     if (listed) {
       gather_list(cluster, cache, n, begin, total, list, sh, false);

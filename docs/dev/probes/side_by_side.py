@@ -2,7 +2,8 @@
 `mkdir -p probe/old_csrc && git archive main csrc | tar -x -C probe/old_csrc`) against this
 tree's, side by side in one process: median device time per call with the L2 flushed (us), and
 whether both draw the same tokens. Run on the device from the repository root (PYTHONPATH=.,
-carry probe). SBS_SHAPES="64x151936,256x32000" picks other (batch x vocab) shapes."""
+carry probe). SBS_SHAPES="64x151936,256x32000" picks other (batch x vocab) shapes, SBS_SEED=batch
+other rows."""
 import os, statistics, torch
 from torch.utils import cpp_extension
 from xllm_sampling import kernels
@@ -26,7 +27,8 @@ print("# NVIDIA", torch.cuda.get_device_name(), "torch", torch.__version__, "fp3
 print(f"{'config':24s} {'B':>4s} {'V':>7s} {'before':>8s} {'after':>8s}")
 shapes = os.environ.get("SBS_SHAPES", "1x32000,1x151936,16x32000,16x151936,64x32000")
 for B, V in (tuple(map(int, s.split("x"))) for s in shapes.split(",")):
-    x = torch.randn(B, V, device="cuda", generator=torch.Generator("cuda").manual_seed(B + V)) * 3
+    seed = B if os.environ.get("SBS_SEED") == "batch" else B + V  # "batch": sampler_kernel_split.py's rows
+    x = torch.randn(B, V, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) * 3
     pos = torch.arange(B, device="cuda")
     for name, (k, p, mp) in cfgs.items():
         args = (x, None, 0.8, None, k, None, p, None, mp, None, 1, pos, 0, None, None, 0.0, None, 0.0, None, 1.0)
