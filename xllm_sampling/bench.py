@@ -85,54 +85,57 @@ def _implementations(op: str, fi) -> dict[str, Callable | None]:
         ref = fi and (lambda x, t: fi.top_k(x, min(k, x.shape[-1]), sorted=by_value))
         return {"original": with_flag("air_topk", False, fn), "fast": with_flag("air_topk", True, fn), "flashinfer": ref}
     if op in SAMPLING_VARIANTS:
-        kwargs, fi_call = SAMPLING_VARIANTS[op]
+        step = _sampling_step(op)
         per_batch = {}  # batch: (positions, generated tokens), made once, outside the timing
 
         def fn(x, t):
-            batch, vocab = x.shape
-            if batch not in per_batch:
-                g = torch.Generator(x.device).manual_seed(0)
-                per_batch[batch] = (torch.arange(batch, device=x.device),
-                                    torch.randint(0, vocab, (batch, PENALTY_TOKENS), device=x.device, generator=g))
-            position, generated = per_batch[batch]
-            kw = {"temperature": t, **kwargs}
-            if "frequency_penalty" in kw:
-                kw["generated"] = generated
-            return sample(x, seed=1, position=position, **kw)
+            if x.shape[0] not in per_batch:
+                per_batch[x.shape[0]] = _sampling_inputs(x)
+            return step(x, t, *per_batch[x.shape[0]])
 
+        fi_call = SAMPLING_VARIANTS[op][1]
         ref = fi and fi_call and (lambda x, t: fi_call(fi, x, t))
         return {"original": with_flag("sampler", False, fn), "fast": with_flag("sampler", True, fn), "flashinfer": ref}
     return {"original": with_flag("beam_search", False, _beam_step(BEAM_VARIANTS[op])),
             "fast": with_flag("beam_search", True, _beam_step(BEAM_VARIANTS[op])), "flashinfer": None}
 
 
+def _sampling_step(op: str) -> Callable:
+    """(x, t, position, generated) -> sample() with sampling op ``op``'s settings, seed 1 (the
+    generated tokens read by the penalties op only)."""
+    kwargs = SAMPLING_VARIANTS[op][0]
+
+    def step(x, t, position, generated):
+        kw = {"temperature": t, **kwargs}
+        if "frequency_penalty" in kw:
+            kw["generated"] = generated
+        return sample(x, seed=1, position=position, **kw)
+
+    return step
+
+
+def _sampling_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions 0..batch-1 and PENALTY_TOKENS generated tokens per row (seeded) for logits ``x``."""
+    batch, vocab = x.shape
+    g = torch.Generator(x.device).manual_seed(0)
+    return (torch.arange(batch, device=x.device),
+            torch.randint(0, vocab, (batch, PENALTY_TOKENS), device=x.device, generator=g))
+
+
 def _graphed_sampling(op: str) -> Callable:
     """(x, t) -> the fast path of sampling op ``op`` replayed through a GraphRunner as a decode loop
-    drives it: its inputs the runner's static inputs (made once per batch), positions advanced in
+    drives it: its inputs the runner's static inputs (made once per shape), positions advanced in
     the graph, outputs the graph's own buffers (copy_outputs=False)."""
     from .ops.cuda_graph import GraphRunner
 
-    kwargs = SAMPLING_VARIANTS[op][0]
-    penalties = "frequency_penalty" in kwargs
-
-    def step(x, t, position, *generated):
-        kw = {"temperature": t, **kwargs}
-        if penalties:
-            kw["generated"] = generated[0]
-        return sample(x, seed=1, position=position, **kw)
-
-    runner = GraphRunner(step, name=f"bench_{op}", advance=(2,), copy_outputs=False)
-    per_batch = {}
+    runner = GraphRunner(_sampling_step(op), name=f"bench_{op}", advance=(2,), copy_outputs=False)
+    per_shape = {}
 
     def call(x, t):
         with flags.override(sampler=True, cuda_graph=True):
-            if x.shape not in per_batch:
-                batch, vocab = x.shape
-                generated = torch.randint(0, vocab, (batch, PENALTY_TOKENS), device=x.device,
-                                          generator=torch.Generator(x.device).manual_seed(0))
-                per_batch[x.shape] = runner.static_inputs(x, t, torch.arange(batch, device=x.device),
-                                                          *([generated] if penalties else []))
-            return runner(*per_batch[x.shape])
+            if x.shape not in per_shape:
+                per_shape[x.shape] = runner.static_inputs(x, t, *_sampling_inputs(x))
+            return runner(*per_shape[x.shape])
 
     return call
 

@@ -82,7 +82,8 @@ atexit.register(publish, True)
 
 log = logging.getLogger("xllm_sampling.cuda_graph")  # the name the docs give users
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_FLAGS_READ = ("cuda_graph", "cuda_graph_max_batch") + flags.path_flags()  # a GraphRunner call's flags
+_GRAPH_FLAGS = ("cuda_graph", "cuda_graph_max_batch")  # whether a GraphRunner uses graphs, up to which batch
+_FLAGS_READ = _GRAPH_FLAGS + flags.path_flags()  # a GraphRunner call's flags
 
 
 class _Captured:
@@ -212,13 +213,14 @@ class GraphRunner:
         static inputs (views of the first ``batch`` rows) holding ``inputs``' values. ``inputs``
         themselves where no graph is used now (CPU, the ``cuda_graph`` flag off, a batch above
         every bucket); passing those later is correct too, with a copy per call."""
-        signature = self._signature(inputs, *flags.values(("cuda_graph", "cuda_graph_max_batch")))
+        signature = self._signature(inputs, *flags.values(_GRAPH_FLAGS))
         if signature is None:
             return inputs
-        batch = inputs[0].shape[0]
-        static = self._static_for(signature, inputs)
-        for s, t in zip(static, inputs):
-            s[:batch].copy_(t, non_blocking=True)  # from the host too: not waiting for queued work
+        batch, made = inputs[0].shape[0], signature not in self._static
+        static = self._static_for(signature, inputs)  # new ones hold inputs' values already
+        if not made:
+            for s, t in zip(static, inputs):
+                s[:batch].copy_(t, non_blocking=True)  # from the host too: not waiting for queued work
         return tuple(s[:batch] for s in static)
 
     def _signature(self, inputs, graphs_on: bool, limit: int) -> tuple | None:
