@@ -91,11 +91,14 @@ void launch(const torch::Tensor& logits, s::Args args, int cs) {
   launch_rows<kernel, T>(logits, args, cs, s::kThreads, shared);
 }
 
-template <typename T, int VEC>
+// The streaming kernel; BULK (bulk copies through shared memory): rows of 16-byte vectors at
+// 16-byte aligned addresses, VEC = 16 / sizeof(T).
+template <typename T, int VEC, bool BULK>
 void launch_stream(const torch::Tensor& logits, s::Args args, int cs) {
-  constexpr auto kernel = s::stream_sample_kernel<T, VEC>;
-  xllm::configure_once<kernel>(logits.get_device(), 0, /*nonportable_clusters=*/true);
-  launch_rows<kernel, T>(logits, args, cs, s::kStreamThreads, 0);
+  constexpr auto kernel = s::stream_sample_kernel<T, VEC, BULK>;
+  constexpr int shared = BULK ? s::kStreamStageBytes : 0;
+  xllm::configure_once<kernel>(logits.get_device(), shared, /*nonportable_clusters=*/true);
+  launch_rows<kernel, T>(logits, args, cs, s::kStreamThreads, shared);
 }
 
 // Slices per row of the top-k kernels: as many as fit one wave of two blocks per SM, each at
@@ -157,7 +160,9 @@ void dispatch(const torch::Tensor& logits, Args args, bool penalty, bool unfilte
     const int cs = stream_cluster_size(sms, batch, vocab);
     if (cs > 0) {
       args.chunk = round_up((vocab + cs - 1) / cs, s::kTile);
-      aligned ? launch_stream<T, kVec>(logits, args, cs) : launch_stream<T, 1>(logits, args, cs);
+      // bulk copies for 16-bit logits (H200, B = 256, V = 151936: bf16 47.7 -> 38.8 us), registers
+      // for float32 (there bulk copies lost 2-4 us at B = 256)
+      aligned ? launch_stream<T, kVec, sizeof(T) == 2>(logits, args, cs) : launch_stream<T, 1, false>(logits, args, cs);
       return;
     }
   }

@@ -1,10 +1,12 @@
 // Step sampler, unfiltered rows: greedy and plain sampling (temperature only: no top-k, top-p,
 // min-p or penalties) in one streaming pass (torch-free kernel; the binding is sampler.cu).
 // sampling.cuh caches each block's chunk in shared memory for its filters' passes, which limits
-// the loads in flight at large batch; without filters one read suffices, straight into registers.
+// the loads in flight at large batch; without filters one read suffices.
 //
 // One cluster of blocks per row, each block a tile-aligned chunk. Each warp takes the chunk's
-// tiles (tile_weight.cuh) in turn and records each tile's max and float64 sum of
+// tiles (tile_weight.cuh) in turn, loading its next tile while it takes one (16-bit logits on
+// aligned rows through a ring of shared-memory stages that the bulk copy engine keeps filled;
+// others in registers), and records each tile's max and float64 sum of
 // 2^((x - tile max) c); it keeps the lowest index of its largest value, and a NaN or +inf shows as
 // a NaN sum. The blocks exchange max, argmax and that flag over distributed shared memory (invalid
 // row: token -1, logprob NaN; temperature 0: the argmax), then their masses (each tile's sum times
@@ -19,6 +21,7 @@
 
 #include <cstdint>
 
+#include "bulk_copy.cuh"
 #include "philox.cuh"
 #include "sampler/sampling.cuh"
 #include "sampler/tile_weight.cuh"
@@ -31,6 +34,11 @@ namespace xllm::sampler {
 constexpr int kStreamThreads = 512;
 constexpr int kStreamWarps = kStreamThreads / 32;
 constexpr int kStreamMaxTiles = 512;  // tiles of a block's chunk at most (262144 tokens)
+constexpr int kStreamStageBytes = 64 * 1024;  // a block's ring of bulk-copied tiles (two blocks per SM)
+
+// Tiles in flight per warp in the bulk path (4 of a 16-bit type).
+template <typename T>
+constexpr int kStreamStages = kStreamStageBytes / (kStreamWarps * kTile * static_cast<int>(sizeof(T)));
 
 struct StreamShared {
   float tile_max[kStreamMaxTiles];
@@ -53,7 +61,8 @@ struct TilePart {
   // Element j of load q is the tile's element q * 32 * VEC + lane * VEC + j (lane order inside).
   __device__ __forceinline__ static int index(int q, int lane, int j) { return q * 32 * VEC + lane * VEC + j; }
 
-  // The tile starting at x, of `n` elements (a multiple of VEC; those past n are not read).
+  // The tile starting at x (global or shared memory), of `n` elements (a multiple of VEC; those
+  // past n are not read).
   __device__ __forceinline__ void load_from(const T* x, int n, int lane) {
 #pragma unroll
     for (int q = 0; q < kLoads; ++q) {
@@ -61,8 +70,10 @@ struct TilePart {
       if (i < n) v[q] = load<T, VEC>(x + i);
     }
   }
+  // Element j of load q as float; -inf past the tile's n elements unless FULL (n = kTile).
+  template <bool FULL>
   __device__ __forceinline__ float value(int q, int j, int lane, int n) const {
-    return index(q, lane, j) < n ? to_float(v[q].v[j]) : -INFINITY;
+    return FULL || index(q, lane, j) < n ? to_float(v[q].v[j]) : -INFINITY;
   }
 };
 
@@ -77,8 +88,8 @@ struct WarpBest {
 // Warp `warp`'s work on one tile (tile number tl of the block, at chunk offset tl * kTile): the
 // tile's max and sum of tile weights into shared memory; the argmax only when the tile's max
 // beats the warp's (rare after the first tiles); a NaN or +inf seen as a NaN sum (a NaN weighs
-// NaN; a +inf is its tile's max, and inf - inf is NaN).
-template <typename T, int VEC>
+// NaN; a +inf is its tile's max, and inf - inf is NaN). FULL: a tile of kTile elements.
+template <bool FULL, typename T, int VEC>
 __device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, int n, float c, WarpBest& best,
                                           StreamShared& sh) {
   using Part = TilePart<T, VEC>;
@@ -87,7 +98,7 @@ __device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, 
 #pragma unroll
   for (int q = 0; q < Part::kLoads; ++q) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) m = fmaxf(m, part.value(q, j, lane, left));
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, part.template value<FULL>(q, j, lane, left));
   }
   m = warp_fmax(m);
   if (m > best.value) {  // warp-uniform: the lowest index holding m
@@ -95,7 +106,7 @@ __device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, 
 #pragma unroll
     for (int q = Part::kLoads - 1; q >= 0; --q) {
 #pragma unroll
-      for (int j = VEC - 1; j >= 0; --j) first = part.value(q, j, lane, left) == m ? Part::index(q, lane, j) : first;
+      for (int j = VEC - 1; j >= 0; --j) first = part.template value<FULL>(q, j, lane, left) == m ? Part::index(q, lane, j) : first;
     }
     best.value = m;
     best.index = base + static_cast<int>(__reduce_min_sync(kFull, static_cast<unsigned>(first)));
@@ -105,7 +116,7 @@ __device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, 
 #pragma unroll
   for (int q = 0; q < Part::kLoads; ++q) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[(q * VEC + j) % 4] += tile_weight(part.value(q, j, lane, left), reference, c);
+    for (int j = 0; j < VEC; ++j) acc[(q * VEC + j) % 4] += tile_weight(part.template value<FULL>(q, j, lane, left), reference, c);
   }
   const double sum = warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
   best.bad |= sum != sum;
@@ -115,8 +126,14 @@ __device__ __forceinline__ void take_tile(const TilePart<T, VEC>& part, int tl, 
   }
 }
 
-template <typename T, int VEC>
+// BULK: the row's tiles arrive by bulk copies into kStreamStages<T> stages per warp (rows of
+// 16-byte vectors at 16-byte aligned addresses, VEC = 16 / sizeof(T); kStreamStageBytes of
+// dynamic shared memory); otherwise each warp loads its tiles into registers, one tile ahead.
+template <typename T, int VEC, bool BULK>
 __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const T* __restrict__ logits, Args a) {
+  constexpr int kStages = kStreamStages<T>;
+  extern __shared__ __align__(16) unsigned char stage_memory[];
+  __shared__ uint64_t arrived[kStreamWarps * kStages];
   __shared__ StreamShared sh;
   cg::cluster_group cluster = cg::this_cluster();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -130,13 +147,45 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const 
   const bool greedy = t == 0.f;
   const float c = weight_scale(t);
 
-  // The streaming pass: a warp's tiles one at a time (two blocks of 16 warps per SM keep 64 KB
-  // of loads in flight; two tiles at a time would spill registers).
+  // The streaming pass: a warp's tiles one at a time, the next ones already loading (registers:
+  // one tile ahead, 64 KB in flight per SM; bulk copies: kStages tiles ahead, 128 KB per SM).
+  T* stage = reinterpret_cast<T*>(stage_memory) + warp * kStages * kTile;
+  uint64_t* bar = arrived + warp * kStages;
+  auto fetch = [&](int tl, int slot) {
+    const auto bytes = static_cast<uint32_t>(min(kTile, n - tl * kTile) * static_cast<int>(sizeof(T)));
+    bulk_load(stage + slot * kTile, x + tl * kTile, bytes, &bar[slot]);
+  };
+  if constexpr (BULK) {
+    if (lane == 0) {
+      for (int slot = 0; slot < kStages; ++slot) init_barrier(&bar[slot]);
+      fence_barrier_init();
+      for (int slot = 0; slot < kStages && warp + slot * kStreamWarps < tiles; ++slot) fetch(warp + slot * kStreamWarps, slot);
+    }
+    __syncwarp();
+  }
+  TilePart<T, VEC> next;  // the register path: the warp's next tile, loading while it takes this one
+  if (!BULK && warp < tiles) next.load_from(x + warp * kTile, n - warp * kTile, lane);
   WarpBest best;
-  for (int tl = warp; tl < tiles; tl += kStreamWarps) {
+  for (int k = 0, tl = warp; tl < tiles; ++k, tl += kStreamWarps) {
     TilePart<T, VEC> part;
-    part.load_from(x + tl * kTile, n - tl * kTile, lane);
-    take_tile(part, tl, n, c, best, sh);
+    if constexpr (BULK) {
+      const int slot = k % kStages;
+      wait_barrier(&bar[slot], static_cast<uint32_t>(k / kStages) & 1);
+      part.load_from(stage + slot * kTile, n - tl * kTile, lane);
+      __syncwarp();  // the stage is read: refill it with the warp's tile kStages ahead
+      if (lane == 0 && tl + kStages * kStreamWarps < tiles) {
+        fence_proxy_async();
+        fetch(tl + kStages * kStreamWarps, slot);
+      }
+    } else {
+      part = next;
+      if (tl + kStreamWarps < tiles) next.load_from(x + (tl + kStreamWarps) * kTile, n - (tl + kStreamWarps) * kTile, lane);
+    }
+    if (n - tl * kTile >= kTile) {
+      take_tile<true>(part, tl, n, c, best, sh);
+    } else {
+      take_tile<false>(part, tl, n, c, best, sh);
+    }
   }
   if (lane == 0) {
     sh.warp_max[warp] = best.value;
