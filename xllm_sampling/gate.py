@@ -62,14 +62,17 @@ class Timer:
     def __init__(self, device: str, host_overhead: bool):
         self.cuda, self.host_overhead = device == "cuda", host_overhead
         if self.cuda:
-            self.flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.uint8, device="cuda")
+            # Read, not written, before each call: a written flush leaves up to an L2 of dirty lines,
+            # whose write-back the timed call would pay (H200, fp32 B=256 V=151936 greedy sampling
+            # 51.6 us after zero_() against 42.7 after a read; torch's amax 57.4 against 49.1).
+            self.flush = torch.ones(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4, device="cuda")
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if not self.cuda:
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e6
-        self.flush.zero_()
+        self.flush.sum()
         if not self.host_overhead:
             torch.cuda._sleep(2_000_000)  # ~1 ms at Hopper clocks
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
