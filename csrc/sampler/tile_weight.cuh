@@ -21,13 +21,7 @@ __device__ __forceinline__ double tile_scale(float tile_max, float row_max, floa
   return tile_max == -INFINITY ? 0.0 : exp2(static_cast<double>(tile_max - row_max) * static_cast<double>(c));
 }
 
-// A token's float32 weight within its tile (before the tile's scale): one ex2.approx.ftz (2 ulp;
-// the argument is at most 0, and a weight below 2^-126 of its tile's flushes to 0, where exp2f
-// would spend three more instructions per token on subnormal results).
-__device__ __forceinline__ float tile_weight(float x, float reference, float c) {
-  float w;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(w) : "f"((x - reference) * c));
-  return w;
-}
+// A token's float32 weight within its tile (before the tile's scale).
+__device__ __forceinline__ float tile_weight(float x, float reference, float c) { return exp2f((x - reference) * c); }
 
 }  // namespace xllm::sampler

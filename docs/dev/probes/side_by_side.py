@@ -18,12 +18,14 @@ def time_us(f, reps=60):
     f(); torch.cuda.synchronize(); ts = []
     for _ in range(reps):
         flush.sum()
+        torch.cuda._sleep(1_000_000)  # the host's launch of f hidden behind it (the flush alone is too short)
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record(); f(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e) * 1e3)
     return statistics.median(ts)
 cfgs = {"top-k 50 + top-p 0.9": (0.8, 50, 0.9, 0.0), "top-k 50": (0.8, 50, 1.0, 0.0), "top-k 1": (0.8, 1, 1.0, 0.0),
         "top-k 50 + min-p 0.1": (0.8, 50, 1.0, 0.1), "top-k 128 + top-p 0.9": (0.8, 128, 0.9, 0.0),
-        "top-k 200": (0.8, 200, 1.0, 0.0), "greedy": (0.0, 0, 1.0, 0.0), "plain": (0.8, 0, 1.0, 0.0)}
+        "top-k 200": (0.8, 200, 1.0, 0.0), "greedy": (0.0, 0, 1.0, 0.0), "plain": (0.8, 0, 1.0, 0.0),
+        "top-p 0.9": (0.8, 0, 0.9, 0.0), "min-p 0.1": (0.8, 0, 1.0, 0.1)}
 default = "top-k 50 + top-p 0.9,top-k 50,top-k 1,top-k 50 + min-p 0.1,top-k 128 + top-p 0.9,top-k 200"
 cfgs = {name: cfgs[name] for name in os.environ.get("SBS_CONFIGS", default).split(",")}
 dtype = getattr(torch, os.environ.get("SBS_DTYPE", "float32"))
