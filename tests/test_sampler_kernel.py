@@ -158,15 +158,19 @@ def test_same_request_same_token_in_any_row_of_any_batch():
                 assert xs.sample(logits, seed=seeds, position=pos, **kw).tokens[row].item() == alone[p], (kw, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("vocab", [1000, 32001, 151936])
-def test_unfiltered_rows_draw_the_same_token_in_either_kernel(temperature, vocab):
+def test_unfiltered_rows_draw_the_same_token_in_either_kernel(temperature, vocab, dtype):
     """A batch whose settings are numbers without filters or penalties takes the streaming kernel
     (stream_sampling.cuh), a batch with a per-row top_k the caching one (sampling.cuh): an
     unfiltered request draws the same token in both (the same tile weights; only the order of
-    float64 sums differs) and the same logprob up to float32 rounding of float64 values within 1e-15."""
+    float64 sums differs) and the same logprob up to float32 rounding of float64 values within 1e-15.
+    16-bit rows of a multiple of 8 tokens stream through bulk copies (V = 151936 at B = 64: ~9
+    tiles per warp, so each warp's ring of 4 stages wraps), the others through registers."""
     batch = 64
-    logits = torch.randn(batch, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(vocab)) * 3
+    g = torch.Generator("cuda").manual_seed(vocab)
+    logits = (torch.randn(batch, vocab, device="cuda", generator=g) * 3).to(dtype)
     kw = dict(temperature=temperature, seed=torch.arange(batch, device="cuda") * 7 + 1,
               position=torch.arange(batch, device="cuda") + 50)
     streamed = xs.sample(logits, **kw)
