@@ -66,6 +66,10 @@ def test_philox_kernel_matches_torch_bit_for_bit():
     (lambda: xs.sample(torch.randn(2, 4), temperature=-0.5), "temperature: value -0.5"),
     (lambda: xs.sample(torch.randn(2, 4), min_p=torch.ones(3)), r"min_p: expected shape \(2,\)"),
     (lambda: xs.sample(torch.randn(2, 4), seed=torch.zeros(2)), "seed: dtype torch.float32"),
+    (lambda: xs.sample(torch.randn(2, 40), top_logprobs=21), r"top_logprobs: expected an integer in \[0, 20\], got 21"),
+    (lambda: xs.sample(torch.randn(2, 4), top_logprobs=5), r"top_logprobs: expected an integer in \[0, 4\], got 5"),
+    (lambda: xs.sample(torch.randn(2, 4), top_logprobs=2.0), r"top_logprobs: expected an integer in \[0, 4\], got 2.0"),
+    (lambda: xs.sample(torch.randn(2, 4), top_logprobs=-1), r"top_logprobs: expected an integer in \[0, 4\], got -1"),
     (lambda: xs.beam_search_step(torch.randn(6, 8), xs.BeamSearchState.start(2, 4, 3, 9)), r"logits: expected 2 x 4 = 8 rows"),
     (lambda: xs.beam_search_step(torch.randn(4, 2), xs.BeamSearchState.start(1, 4, 3, 9, eos=[0, 1])),
      "logits: a vocab of 2 has fewer than the 12 continuations"),
@@ -390,6 +394,48 @@ def test_sample_keeps_tied_tokens_by_rank_lower_index_first(device, flag):
     assert set(top1.tolist()) == {10}
     # p = e / (1000 e + 1000) for each 1.0: the mass above token i is i p, under 0.5 for i <= 683
     assert set(nucleus.tolist()) <= set(range(684)) and max(nucleus.tolist()) > 600
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flag", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_top_logprobs_are_the_most_likely_tokens_and_their_log_probabilities(device, flag, dtype):
+    """top_logprobs=n: each row's n largest processed logits (after penalties), ties by ascending
+    index, with their log-probabilities under penalties and temperature (the filters do not
+    change them), against a float64 log-softmax; a greedy row's first entry is its token and
+    logprob exactly; an invalid row gives -1 and NaN; n = 0 gives None."""
+    g = torch.Generator().manual_seed(23)
+    batch, vocab, n = 6, 1001, 20
+    logits = (torch.randn(batch, vocab, generator=g) * 3).round().to(dtype)  # rounded: many ties
+    logits[4] = float("nan")
+    generated = torch.randint(0, vocab, (batch, 12), generator=g)
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.9, 0.0])
+    kw = dict(temperature=temperature, top_k=torch.tensor([0, 5, 50, 0, 3, 1]), top_p=0.9, min_p=0.05,
+              generated=generated, frequency_penalty=0.3, presence_penalty=0.2, repetition_penalty=1.3, seed=5,
+              position=torch.arange(batch))
+    x_dev, kw_dev = logits.to(device), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with flags.override(sampler=flag):
+        out = xs.sample(x_dev, top_logprobs=n, generator=torch.Generator(device).manual_seed(1), **kw_dev)
+        assert xs.sample(x_dev, **kw_dev).top_tokens is None
+        zeros = torch.tensor([[-0.0, 0.0, -1.0, -0.0]], device=device).to(dtype)
+        assert xs.sample(zeros, top_logprobs=4).top_tokens.tolist() == [[0, 1, 3, 2]]  # -0.0 ties +0.0
+    x = xs.ops.sampler.apply_penalties(logits.float(), xs.ops.sampler.Penalties(
+        generated, kw["frequency_penalty"], kw["presence_penalty"], kw["repetition_penalty"])).double()
+    t = torch.where(temperature == 0, 1.0, temperature).double()[:, None]
+    ref = torch.log_softmax(x / t, -1)
+    valid = [r for r in range(batch) if r != 4]
+    for r in valid:  # the ranking: value descending, then index ascending (-0.0 == +0.0)
+        ranked = sorted(range(vocab), key=lambda i: (-x[r, i].item(), i))[:n]
+        assert out.top_tokens[r].tolist() == ranked, r
+    # One float32 log-softmax's error (tolerances.py) bounds the chosen token's logprob on either
+    # path; deriving another token's from it adds one float32 rounding (U |lp|), inside a second one.
+    scaled = (x / t)[valid].abs().max().item()
+    top_ref = ref.gather(-1, out.top_tokens.clamp(min=0).cpu())
+    atol = 2 * tolerances.log_softmax_absolute_error(vocab, scaled, top_ref[valid].abs().max().item())
+    assert torch.allclose(out.top_logprobs.cpu()[valid].double(), top_ref[valid], rtol=0, atol=atol)
+    for r in (0, 5):  # greedy rows
+        assert out.top_tokens[r, 0] == out.tokens[r] and out.top_logprobs[r, 0] == out.logprobs[r]
+    assert (out.top_tokens[4] == -1).all() and out.top_logprobs[4].isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -94,7 +94,7 @@ class _Captured:
 def _map_output(output, fn):
     if isinstance(output, torch.Tensor):
         return fn(output)
-    values = [fn(t) for t in output]
+    values = [None if t is None else fn(t) for t in output]
     return type(output)(*values) if hasattr(output, "_fields") else type(output)(values)
 
 

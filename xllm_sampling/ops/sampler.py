@@ -13,7 +13,12 @@ Semantics, every path:
     the ranking, so ties at a boundary keep the lower indices;
   * a row with a NaN or +inf logit, or with every logit -inf, gives token -1 and logprob NaN;
   * the logprob is the chosen token's log-probability after penalties and temperature (before
-    the filters), as the original path returns it.
+    the filters), as the original path returns it;
+  * ``top_logprobs=n`` (n <= 20) also returns each row's n most likely tokens under that
+    distribution, ranked as above (ties by ascending index), and their log-probabilities: one
+    top-n over int64 keys of the processed logits (:func:`top_n`), a second pass over the
+    vocabulary on every path for now (fusing it into the kernels is open), with each
+    log-probability taken from the chosen token's (no second softmax).
 
 Flag ``sampler`` on: the draw of ``csrc/sampler/sampling.cuh`` (the module docstring of that
 header has the method): the candidates' mass in vocabulary order, a float64 uniform from Philox
@@ -36,15 +41,20 @@ from .. import _checks, flags, kernels, nvtx, rng
 
 LOG2E = 1.4426950408889634
 TILE = 512  # unfiltered rows' weights are computed per vocabulary-aligned tile of TILE tokens (_tile_weights)
+MAX_TOP_LOGPROBS = 20  # top_logprobs: the most log-probabilities per row sample() returns
 MAX_ROUNDS = 32  # top-p rejection rounds at most (each shrinks the candidates; then the argmax)
 KERNEL_MAX_PENALTY_TOKENS = 1024  # longer generated-token lists are counted in torch first
 
 
 class SampleOutput(NamedTuple):
-    """Chosen tokens (int64, -1 for an invalid row) and their log-probabilities (float32)."""
+    """Chosen tokens (int64, -1 for an invalid row) and their log-probabilities (float32); with
+    ``top_logprobs=n``, each row's n most likely tokens (batch, n) int64, most likely first, and
+    their log-probabilities (batch, n) float32 (-1 and NaN for an invalid row), else None."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
+    top_tokens: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 class Penalties(NamedTuple):
@@ -174,8 +184,32 @@ def _ranked_keep(ranked: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
     return keep & (ranked >= min_p[:, None] * ranked[:, :1])
 
 
-def original(logits, params: _Params, generator: torch.Generator | None = None) -> SampleOutput:
-    """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``."""
+def top_n(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (batch, n) of the n largest values of each row of float32 ``x``, largest first,
+    equal values by ascending index (-0.0 equal to +0.0): one top-n over int64 keys that are
+    unique per token (the value's bits in an order-preserving form, then the index reversed)."""
+    vocab = x.shape[1]
+    bits = (x + 0.0).view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as signed integers, in the floats' order
+    keys = ordered * 2**32 + (vocab - 1 - torch.arange(vocab, device=x.device))
+    return keys.topk(n, dim=-1).indices
+
+
+def _with_top(out: SampleOutput, x: torch.Tensor, params: _Params, n: int) -> SampleOutput:
+    """``out`` with the top ``n`` of processed float32 logits ``x``, each log-probability derived
+    from the chosen token's: lp_i = lp_chosen + (x_i - x_chosen) / t in float64 (t = 1 greedy)."""
+    top = top_n(x, n)
+    chosen = out.tokens.clamp(min=0)[:, None]
+    t = _rows(params.temperature, x.shape[0], x.device, torch.float32)
+    t_eff = torch.where(t == 0, 1.0, t).double()[:, None]
+    lp = out.logprobs.double()[:, None] + (x.gather(-1, top).double() - x.gather(-1, chosen).double()) / t_eff
+    invalid = (out.tokens < 0)[:, None]
+    return out._replace(top_tokens=torch.where(invalid, -1, top), top_logprobs=torch.where(invalid, float("nan"), lp.float()))
+
+
+def original(logits, params: _Params, generator: torch.Generator | None = None, top_logprobs: int = 0) -> SampleOutput:
+    """The engine's original sampler: full descending sort, cumulative masks, ``torch.multinomial``
+    (and ``top_logprobs`` from its log-softmax)."""
     x = _penalised(logits, params)
     batch, dev = x.shape[0], x.device
     temperature = _rows(params.temperature, batch, dev, torch.float32)
@@ -192,7 +226,12 @@ def original(logits, params: _Params, generator: torch.Generator | None = None) 
     invalid = _invalid_rows(x)
     logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
     tokens = torch.where(invalid, torch.full_like(tokens, -1), tokens)
-    return SampleOutput(tokens, torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs))
+    out = SampleOutput(tokens, torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs))
+    if top_logprobs:
+        top = top_n(x, top_logprobs)
+        out = out._replace(top_tokens=torch.where(invalid[:, None], -1, top),
+                           top_logprobs=torch.where(invalid[:, None], float("nan"), logp.gather(-1, top)))
+    return out
 
 
 def _first_above(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -313,7 +352,7 @@ def _fast(logits: torch.Tensor, params: _Params) -> SampleOutput:
 
 def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, seed=0, position=0,
            generated: torch.Tensor | None = None, frequency_penalty=None, presence_penalty=None,
-           repetition_penalty=None, generator: torch.Generator | None = None) -> SampleOutput:
+           repetition_penalty=None, generator: torch.Generator | None = None, top_logprobs: int = 0) -> SampleOutput:
     """Sample one token per row of ``logits`` (batch, vocab), float32, bfloat16 or float16.
 
     Every parameter is a number for all rows or a (batch,) tensor, per request, on the host or
@@ -323,13 +362,19 @@ def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, mi
     Penalties apply when ``generated`` is given: a (batch, L) integer tensor of each request's
     generated tokens, -1 padding (a token listed c times counts c times), with
     ``frequency_penalty`` and ``presence_penalty`` (default 0) and ``repetition_penalty`` > 0
-    (default 1). ``generator`` feeds the original path only. Returns :class:`SampleOutput`.
-    Values on a GPU tensor are not checked (that would cost a host synchronisation).
+    (default 1). ``generator`` feeds the original path only. ``top_logprobs`` (0 to 20, at most
+    the vocab): that many most likely tokens per row and their log-probabilities, as well.
+    Returns :class:`SampleOutput`. Values on a GPU tensor are not checked (that would cost a host
+    synchronisation).
     """
     _checks.logits_2d("logits", logits)
+    n, most = top_logprobs, min(MAX_TOP_LOGPROBS, logits.shape[1])
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= most:
+        raise ValueError(f"top_logprobs: expected an integer in [0, {most}], got {n!r}")
     params = _params(logits, temperature, top_k, top_p, min_p, seed, position, generated, frequency_penalty,
                      presence_penalty, repetition_penalty)
     with nvtx.range("sampler"):
         if not flags.enabled("sampler"):
-            return original(logits, params, generator)
-        return _fast(logits, params)
+            return original(logits, params, generator, n)
+        out = _fast(logits, params)
+        return _with_top(out, _processed(logits, params), params, n) if n else out
