@@ -208,6 +208,8 @@ def run(ops, batches, vocabs, dtype: torch.dtype, reps: int, progress: Callable[
                                    "flashinfer": getattr(fi, "__version__", "not installed") if fi else "not installed"}
     cells = []
     total = len(ops) * len(batches) * len(vocabs)
+    if fi and any(op == "sampling" or op in TOPK_VARIANTS for op in ops):
+        progress("FlashInfer compiles its top-k module on its first top-k call: minutes (8+ on an H200 host), once")
     for op in ops:
         for batch in batches:
             for vocab in vocabs:
