@@ -195,16 +195,22 @@ def top_n(x: torch.Tensor, n: int) -> torch.Tensor:
     return keys.topk(n, dim=-1).indices
 
 
-def _with_top(out: SampleOutput, x: torch.Tensor, params: _Params, n: int) -> SampleOutput:
-    """``out`` with the top ``n`` of processed float32 logits ``x``, each log-probability derived
+def _with_top(out: SampleOutput, top: torch.Tensor, top_logprobs: torch.Tensor) -> SampleOutput:
+    """``out`` with its rows' top tokens and log-probabilities (-1 and NaN where its token is -1)."""
+    invalid = (out.tokens < 0)[:, None]
+    return out._replace(top_tokens=torch.where(invalid, -1, top),
+                        top_logprobs=torch.where(invalid, float("nan"), top_logprobs))
+
+
+def _with_top_from_chosen(out: SampleOutput, x: torch.Tensor, params: _Params, n: int) -> SampleOutput:
+    """``out`` with the top ``n`` of penalised float32 logits ``x``, each log-probability derived
     from the chosen token's: lp_i = lp_chosen + (x_i - x_chosen) / t in float64 (t = 1 greedy)."""
     top = top_n(x, n)
     chosen = out.tokens.clamp(min=0)[:, None]
     t = _rows(params.temperature, x.shape[0], x.device, torch.float32)
     t_eff = torch.where(t == 0, 1.0, t).double()[:, None]
     lp = out.logprobs.double()[:, None] + (x.gather(-1, top).double() - x.gather(-1, chosen).double()) / t_eff
-    invalid = (out.tokens < 0)[:, None]
-    return out._replace(top_tokens=torch.where(invalid, -1, top), top_logprobs=torch.where(invalid, float("nan"), lp.float()))
+    return _with_top(out, top, lp.float())
 
 
 def original(logits, params: _Params, generator: torch.Generator | None = None, top_logprobs: int = 0) -> SampleOutput:
@@ -229,8 +235,7 @@ def original(logits, params: _Params, generator: torch.Generator | None = None, 
     out = SampleOutput(tokens, torch.where(invalid, torch.full_like(logprobs, float("nan")), logprobs))
     if top_logprobs:
         top = top_n(x, top_logprobs)
-        out = out._replace(top_tokens=torch.where(invalid[:, None], -1, top),
-                           top_logprobs=torch.where(invalid[:, None], float("nan"), logp.gather(-1, top)))
+        out = _with_top(out, top, logp.gather(-1, top))
     return out
 
 
@@ -377,4 +382,4 @@ def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, mi
         if not flags.enabled("sampler"):
             return original(logits, params, generator, n)
         out = _fast(logits, params)
-        return _with_top(out, _processed(logits, params), params, n) if n else out
+        return _with_top_from_chosen(out, _penalised(logits, params), params, n) if n else out
