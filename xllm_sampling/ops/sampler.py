@@ -343,16 +343,20 @@ def _kernel_call(kernel, logits: torch.Tensor, params: _Params) -> SampleOutput:
                                        *split(params.position, 0), *pen_args))
 
 
-def _fast(logits: torch.Tensor, params: _Params) -> SampleOutput:
+def _fast(logits: torch.Tensor, params: _Params, top_logprobs: int = 0) -> SampleOutput:
     kernel = kernels.load("sampler") if logits.is_cuda else None
     if kernel is None or logits.shape[1] > kernel.max_vocab():
-        return draw(_processed(logits, params), params)
+        x = _processed(logits, params)
+        out = draw(x, params)
+        return _with_top_from_chosen(out, x, params, top_logprobs) if top_logprobs else out
     pen = params.penalties
     if pen is not None and pen.tokens.shape[1] > KERNEL_MAX_PENALTY_TOKENS:
         logits, params = apply_penalties(logits.float(), pen), params._replace(penalties=None)
     if pen is not None and pen.tokens.shape[1] == 0:
         params = params._replace(penalties=None)
-    return _kernel_call(kernel, logits.contiguous(), params)
+    out = _kernel_call(kernel, logits.contiguous(), params)
+    # the kernel applies the penalties itself: the top tokens need them in torch (a second pass)
+    return _with_top_from_chosen(out, _penalised(logits, params), params, top_logprobs) if top_logprobs else out
 
 
 def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, seed=0, position=0,
@@ -381,5 +385,4 @@ def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, mi
     with nvtx.range("sampler"):
         if not flags.enabled("sampler"):
             return original(logits, params, generator, n)
-        out = _fast(logits, params)
-        return _with_top_from_chosen(out, _penalised(logits, params), params, n) if n else out
+        return _fast(logits, params, n)
