@@ -7,7 +7,7 @@
 // value, then lower index) above a rising floor in its own buffer, so that once the floor has
 // risen most tiles cost one comparison of their max; at the end the block ranks the warps' keys
 // into the slice's c best. select_top and its helpers rank a few thousand keys in shared memory
-// (the merge of several slices' keys).
+// (the merge of several slices' keys); merge_sorted_top merges the slices' sorted lists.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -182,6 +182,36 @@ __device__ inline void select_top(uint64_t* keys, int* count, int c, uint64_t* o
   } else {
     keep_largest(keys, count, c, s);
     rank_select<kUnrolled>(keys, c, c, out);
+  }
+  __syncthreads();
+}
+
+// out[r] = the r-th largest of keys[0, lists * len) for r < c, where each list keys[l * len,
+// (l + 1) * len) is sorted descending with 0 padding its tail (slice_top_keys' outputs; keys
+// distinct where not 0, at least c of them): a key's rank is its place in its own list plus, in
+// each other list, the number of keys above it (a binary search), so there is no selection pass.
+// Ends with a barrier.
+__device__ inline void merge_sorted_top(const uint64_t* keys, int lists, int len, int c, uint64_t* out) {
+  const int n = lists * len;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint64_t key = keys[i];
+    const int own = i / len;
+    int rank = i - own * len;
+    for (int l = 0; l < lists && rank < c; ++l) {
+      if (l == own) continue;
+      const uint64_t* list = keys + l * len;
+      int lo = 0, hi = len;  // the first place whose key is below `key` (0 is below every key)
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (list[mid] > key) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      rank += lo;
+    }
+    if (key && rank < c) out[rank] = key;
   }
   __syncthreads();
 }

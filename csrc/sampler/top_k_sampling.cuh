@@ -8,8 +8,9 @@
 //                            a row and the slice's max and float64 sum of 2^((x - max) c), c =
 //                            log2(e) / temperature (slice_top_keys.cuh);
 //   top_k_draw_kernel        grid (rows), launched as a programmatic dependent: merges the
-//                            slices' keys into the row's top k (ties: lower index first) and its
-//                            sum, then draws as sampling.cuh does on the same candidates: weights
+//                            slices' sorted keys into the row's top k (ties: lower index first;
+//                            each key ranked by binary searches in the other slices' lists) and
+//                            its sum, then draws as sampling.cuh does on the same candidates: weights
 //                            2^((x - max) c) in float32, min-p on them, a float64 Philox uniform
 //                            keyed by (seed, position, round) times the eligible mass walked in
 //                            vocabulary order, top-p by rejection over pivots. Same weights,
@@ -52,8 +53,6 @@ __global__ void __launch_bounds__(slice::kThreads, 2) top_k_candidates_kernel(co
 static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int slices, int k, TopKWork w, Args a) {
   __shared__ uint64_t keys[slice::kCapacity];
   __shared__ TopK list;
-  __shared__ slice::Select sel;
-  __shared__ int count;
   __shared__ float row_max;
   __shared__ double row_sum;
   const int64_t row = blockIdx.x;
@@ -71,7 +70,6 @@ static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int 
     if (lane == 0) {
       row_max = m;
       row_sum = s;
-      count = n;
     }
   }
   __syncthreads();
@@ -82,7 +80,7 @@ static __global__ void __launch_bounds__(slice::kThreads) top_k_draw_kernel(int 
     }
     return;
   }
-  slice::select_top<false>(keys, &count, k, list.ranked, sel);  // the top k, descending
+  slice::merge_sorted_top(keys, slices, k, k, list.ranked);  // the top k, descending
   const float best = rank_value(list.ranked[0]);
   int rank = 0;
   if (t != 0.f) {
