@@ -353,10 +353,10 @@ __device__ inline __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b
   __syncwarp();
   b.floor_key = keep - 1;  // keep is itself a kept key; every later key above it is taken
   b.floor_value = rank_value(keep);
-  // Compacted only when full: with the warp_kth_largest above, compacting later beat compacting
-  // at n + c + 16 keys (H200, B = 64 / 256, V = 151936, top-k 50: bf16 74.7 -> 69.8 and 103.8 ->
-  // 95.6 us; float32 within 3 us either way).
-  b.mark = kWarpKeys - 32;
+  // c >= 32 (warp_kth_largest): compacted only when full, which beat compacting at n + c + 16
+  // keys (H200, B = 64 / 256, V = 151936, top-k 50: bf16 74.7 -> 69.8 and 103.8 -> 95.6 us;
+  // float32 within 3 us either way); c < 32 (the beam step's 2W): early, raising the floor sooner.
+  b.mark = c >= 32 ? kWarpKeys - 32 : min(kWarpKeys - 32, n + c + 16);
   return b;
 }
 
