@@ -24,7 +24,7 @@ def time_us(f, reps=60):
     return statistics.median(ts)
 cfgs = {"top-k 50 + top-p 0.9": (0.8, 50, 0.9, 0.0), "top-k 50": (0.8, 50, 1.0, 0.0), "top-k 1": (0.8, 1, 1.0, 0.0),
         "top-k 50 + min-p 0.1": (0.8, 50, 1.0, 0.1), "top-k 128 + top-p 0.9": (0.8, 128, 0.9, 0.0),
-        "top-k 200": (0.8, 200, 1.0, 0.0), "greedy": (0.0, 0, 1.0, 0.0), "plain": (0.8, 0, 1.0, 0.0),
+        "top-k 200": (0.8, 200, 1.0, 0.0), "top-k 20": (0.8, 20, 1.0, 0.0), "greedy": (0.0, 0, 1.0, 0.0), "plain": (0.8, 0, 1.0, 0.0),
         "top-p 0.9": (0.8, 0, 0.9, 0.0), "min-p 0.1": (0.8, 0, 1.0, 0.1)}
 default = "top-k 50 + top-p 0.9,top-k 50,top-k 1,top-k 50 + min-p 0.1,top-k 128 + top-p 0.9,top-k 200"
 cfgs = {name: cfgs[name] for name in os.environ.get("SBS_CONFIGS", default).split(",")}
