@@ -62,7 +62,20 @@ def each(items, stage: str):
 
 def range(stage: str):  # noqa: A001 - reads as nvtx.range("stage")
     """A context manager for the NVTX range ``xllm_sampling/<stage>``; a no-op while the flag is off."""
-    if not flags.enabled("nvtx"):
+    return range_if(flags.enabled("nvtx"), stage)
+
+
+def op_call(step: str) -> tuple[bool, contextlib.AbstractContextManager]:
+    """What an op reads on every call, from one read of the flags (the flags file stat'ed once, not
+    once per flag): whether flag ``step`` is on, and the NVTX range ``xllm_sampling/<step>`` to run
+    the call in (a no-op while the ``nvtx`` flag is off). ``on, span = nvtx.op_call("sampler")``."""
+    on, ranges = flags.values((step, "nvtx"))
+    return bool(on), range_if(ranges, step)
+
+
+def range_if(on: bool, stage: str):
+    """:func:`range` with the ``nvtx`` flag's value already read."""
+    if not on:
         return _NOOP
     if stage not in STAGES:
         raise ValueError(f"stage: unknown NVTX stage {stage!r}; known stages: {', '.join(STAGES)}")

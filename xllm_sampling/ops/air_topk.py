@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks, flags, kernels, nvtx
+from .. import _checks, kernels, nvtx
 
 KERNEL_MAX_K = 1024
 log = logging.getLogger("xllm_sampling.air_topk")
@@ -208,8 +208,9 @@ def air_topk_last_dim(x: torch.Tensor, k: int | torch.Tensor, *, sorted_by_value
     vocab = x.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k: {k} outside [1, {vocab}] (the size of the last dim)")
-    with nvtx.range("air_topk"):
-        if not flags.enabled("air_topk"):
+    on, span = nvtx.op_call("air_topk")
+    with span:
+        if not on:
             return torch.topk(x, k, dim=-1, largest=largest, sorted=True)
         kernel = kernels.load("air_topk") if x.is_cuda else None
         if kernel is not None and k > KERNEL_MAX_K:

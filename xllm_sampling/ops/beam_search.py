@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks, flags, kernels, nvtx
+from .. import _checks, kernels, nvtx
 
 NEG = -1.0e9  # transformers' score of a dead beam or an empty pool slot
 MAX_BEAMS = 32
@@ -235,7 +235,8 @@ def beam_search_step(logits: torch.Tensor, state: BeamSearchState) -> None:
     Flag ``beam_search`` off, or no CUDA device: the torch step (:func:`original`).
     """
     _check(logits, state)
-    with nvtx.range("beam_search"):
-        if flags.enabled("beam_search"):
+    on, span = nvtx.op_call("beam_search")
+    with span:
+        if on:
             return _fast(logits, state)
         return original(logits, state)

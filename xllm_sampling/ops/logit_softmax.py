@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, flags, kernels, nvtx
+from .. import _checks, kernels, nvtx
 
 
 def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | None:
@@ -61,8 +61,9 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
             raise ValueError(f"out: expected a float32 tensor of shape {tuple(logits.shape)}")
         if out.device != logits.device or not out.is_contiguous():
             raise ValueError(f"out: must be contiguous and on {logits.device}")
-    with nvtx.range("logit_softmax"):
-        kernel = kernels.load("logit_softmax") if logits.is_cuda and flags.enabled("logit_softmax") else None
+    on, span = nvtx.op_call("logit_softmax")
+    with span:
+        kernel = kernels.load("logit_softmax") if on and logits.is_cuda else None
         if kernel is None:
             result = original(logits, t, log)
             return result if out is None else out.copy_(result)

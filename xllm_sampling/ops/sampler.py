@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _checks, flags, kernels, nvtx, rng
+from .. import _checks, kernels, nvtx, rng
 
 LOG2E = 1.4426950408889634
 TILE = 512  # unfiltered rows' weights are computed per vocabulary-aligned tile of TILE tokens (_tile_weights)
@@ -382,7 +382,8 @@ def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, mi
         raise ValueError(f"top_logprobs: expected an integer in [0, {most}], got {n!r}")
     params = _params(logits, temperature, top_k, top_p, min_p, seed, position, generated, frequency_penalty,
                      presence_penalty, repetition_penalty)
-    with nvtx.range("sampler"):
-        if not flags.enabled("sampler"):
+    on, span = nvtx.op_call("sampler")
+    with span:
+        if not on:
             return original(logits, params, generator, n)
         return _fast(logits, params, n)
