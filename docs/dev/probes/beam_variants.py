@@ -16,6 +16,12 @@ VARIANTS = {  # name: [(file under csrc, old text, new text)]
                   ("slice_top_keys.cuh", "#pragma unroll 16  // independent shared loads: the loop is bound by their latency\n", ""),
                   ("beam_search/beam_search.cuh", "#pragma unroll 4  // independent shared loads: the loop is bound by their latency\n", "")],
     "stages5": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 5;")],
+    # three candidates blocks per SM (16 -> 24 warps; ptxas: 80 registers, 84 bytes spilled) with
+    # three stages each, so that three fit the shared memory, and slices for three a SM
+    "occ3": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 3;"),
+             ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
+              "__launch_bounds__(kThreads, 3) candidates_kernel"),
+             ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 3 * sms / rows;")],
     "no_exp": [("slice_top_keys.cuh", "part[g] += fast_exp2(", "part[g] += (")],
     "clocks": None,  # see clocks()
     "no_append": [("slice_top_keys.cuh", "  if (!__any_sync(kFull, any)) return;", "  if (!__any_sync(kFull, any) || m != 12345.f) return;")],
