@@ -141,3 +141,34 @@ def test_environment_without_cpython_internals_still_reads(monkeypatch):
     """Where os.environ is a plain mapping (no encoded-key dict), flags read it the portable way."""
     monkeypatch.setattr(flags.os, "environ", {"XLLM_SAMPLING_SAMPLER": "off"})
     assert flags.lookup("sampler") == (False, "env:XLLM_SAMPLING_SAMPLER")
+
+
+@pytest.mark.parametrize("op", ["logit_softmax", "air_topk", "sampler", "beam_search"])
+def test_an_op_call_reads_the_flags_file_once(monkeypatch, tmp_path, op):
+    """Each op call reads its own flag and the nvtx flag with one stat of the flags file
+    (nvtx.op_call), and a toggle in the file still applies to the very next call."""
+    import torch
+
+    import xllm_sampling as xs
+    from xllm_sampling.ops.beam_search import BeamSearchState
+
+    path = tmp_path / "flags.toml"
+    flags.write_file(path, {op: True})
+    monkeypatch.setenv(flags.FLAGS_FILE_ENV, str(path))
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    calls = {
+        "logit_softmax": lambda: xs.logit_softmax(logits, 0.8),
+        "air_topk": lambda: xs.air_topk_last_dim(logits, 5),
+        "sampler": lambda: xs.sample(logits, temperature=0.8, top_k=5),
+        "beam_search": lambda: xs.beam_search_step(logits, BeamSearchState.start(1, 2, 1, 8, eos=0, device="cpu")),
+    }
+    calls[op]()  # warm: first reads parse the file
+    stats, real_stat = [], os.stat
+    monkeypatch.setattr(flags.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    calls[op]()
+    assert stats == [str(path)]
+    seen = []  # the flags looked up by the next call, after a toggle
+    monkeypatch.setattr(flags, "_lookup", lambda d, fv, real=flags._lookup: seen.append((d.name, real(d, fv)[0])) or real(d, fv))
+    flags.write_file(path, {op: False})  # another size: seen as changed whatever the file clock
+    calls[op]()
+    assert seen == [(op, False), ("nvtx", False)]
