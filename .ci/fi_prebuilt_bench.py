@@ -3,29 +3,38 @@
 instead of its 8-minute JIT build, which every bench whose FlashInfer calls reach top-k would
 otherwise start (FlashInfer's sampling from logits with a top-k among them). Without that file,
 FlashInfer is left as it is.
-Usage (device machine, repository root): python3 .ci/fi_prebuilt_bench.py --host --batch 1"""
+Usage (device machine, repository root): python3 .ci/fi_prebuilt_bench.py --host --batch 1
+Probes import use_prebuilt_topk from here (sys.path: .ci)."""
 import sys
 from pathlib import Path
 
 PREBUILT = Path("/tmp/fitopk/topk.so")
 
-if PREBUILT.exists():
+
+def use_prebuilt_topk() -> bool:
+    """Make FlashInfer load its top-k module from PREBUILT; whether it will (FlashInfer imports
+    and the file exists)."""
+    if not PREBUILT.exists():
+        return False
     try:
         import flashinfer.topk as fi_topk
     except ImportError:
-        fi_topk = None
-    if fi_topk is not None:
-        make_module = fi_topk.gen_topk_module
+        return False
+    make_module = fi_topk.gen_topk_module
 
-        class Prebuilt:
-            """What gen_topk_module returns, loading the prebuilt library instead of building it."""
+    class Prebuilt:
+        """What gen_topk_module returns, loading the prebuilt library instead of building it."""
 
-            def build_and_load(self):
-                return make_module().load(PREBUILT)
+        def build_and_load(self):
+            return make_module().load(PREBUILT)
 
-        fi_topk.gen_topk_module = Prebuilt
+    fi_topk.gen_topk_module = Prebuilt
+    return True
 
-from xllm_sampling.port.cli import main  # noqa: E402 - after the patch
 
-sys.argv = ["xllm-port", "bench", *sys.argv[1:]]
-main()
+if __name__ == "__main__":
+    use_prebuilt_topk()
+    from xllm_sampling.port.cli import main
+
+    sys.argv = ["xllm-port", "bench", *sys.argv[1:]]
+    main()

@@ -168,7 +168,13 @@ def test_an_op_call_reads_the_flags_file_once(monkeypatch, tmp_path, op):
     calls[op]()
     assert stats == [str(path)]
     seen = []  # the flags looked up by the next call, after a toggle
-    monkeypatch.setattr(flags, "_lookup", lambda d, fv, real=flags._lookup: seen.append((d.name, real(d, fv)[0])) or real(d, fv))
+
+    def looked_up(d, file_values, real=flags._lookup):
+        value = real(d, file_values)
+        seen.append((d.name, value[0]))
+        return value
+
+    monkeypatch.setattr(flags, "_lookup", looked_up)
     flags.write_file(path, {op: False})  # another size: seen as changed whatever the file clock
     calls[op]()
     assert seen == [(op, False), ("nvtx", False)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-from xllm_sampling import kernels
+from xllm_sampling import gate, kernels
 
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
@@ -30,17 +30,9 @@ def build(name: str):
                               extra_cflags=["-O3"], extra_cuda_cflags=kernels.NVCC_FLAGS)
 
 
-def time_us(f, flush, reps=60):
+def time_us(f, timer, reps=60):
     f()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        flush.sum()
-        torch.cuda._sleep(1_000_000)  # the host's launch of f hidden behind it
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(), f(), e.record(), e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(timer(f) for _ in range(reps))
 
 
 CONFIGS = {"top-k 50 + top-p 0.9": (0.8, 50, 0.9, 0.0), "top-k 50": (0.8, 50, 1.0, 0.0), "top-k 1": (0.8, 1, 1.0, 0.0),
@@ -57,7 +49,7 @@ def main(names):
              for n in names]
     assert all(p.wait() == 0 for p in procs)
     mods = {n: build(n) for n in names}
-    flush = torch.ones(128 * 2**20, device="cuda")
+    timer = gate.Timer("cuda", host_overhead=False)  # L2 flushed by a read, the launch hidden behind a spin
     dtype = getattr(torch, os.environ.get("SBS_DTYPE", "float32"))
     configs = os.environ.get("SBS_CONFIGS", "top-k 50 + top-p 0.9,top-k 50,top-k 1,top-k 128 + top-p 0.9,top-p 0.9,penalties")
     shapes = os.environ.get("SBS_SHAPES", "1x32000,1x151936,16x151936,64x32000,64x151936,256x151936")
@@ -73,7 +65,7 @@ def main(names):
             args = (x, None, t, None, k, None, p, None, mp, None, 1, pos, 0) + pen
             tokens = [m.sample(*args)[0] for m in mods.values()]
             same = all(torch.equal(tokens[0], other) for other in tokens[1:])
-            times = [time_us(lambda m=m: m.sample(*args), flush) for m in mods.values()]
+            times = [time_us(lambda m=m: m.sample(*args), timer) for m in mods.values()]
             print(f"{name:24s} {B:4d} {V:7d} " + " ".join(f"{v:12.1f}" for v in times) + f"  same tokens: {same}", flush=True)
 
 

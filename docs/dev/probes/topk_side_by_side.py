@@ -4,16 +4,20 @@ tree's, and FlashInfer's top_k when it imports, side by side in one process over
 cells: median device time per call with the L2 flushed by a read (us), and whether each result
 is the documented top k (values equal to a stable float64 ranking's; the index set equal, ties
 by lower index; sorted: the same order). Run on the device from the repository root
-(PYTHONPATH=., carry probe; FlashInfer's top-k module prebuilt as .ci/gpu links it, else skipped).
+(PYTHONPATH=., carry probe; FlashInfer's top-k module prebuilt as .ci/gpu links it, loaded by
+.ci/fi_prebuilt_bench.py's use_prebuilt_topk, else skipped).
 TOPK_SHAPES="16x151936,64x32000" picks other (batch x vocab) shapes."""
 import os
 import statistics
-from pathlib import Path
+import sys
 
 import torch
 from torch.utils import cpp_extension
 
-from xllm_sampling import kernels
+from xllm_sampling import gate, kernels
+
+sys.path.insert(0, ".ci")
+from fi_prebuilt_bench import use_prebuilt_topk  # noqa: E402
 
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 old_csrc = os.path.abspath("probe/old_csrc/csrc")
@@ -21,34 +25,16 @@ old = cpp_extension.load(name="xllm_sampling_air_topk_old", sources=[f"{old_csrc
                          extra_include_paths=[old_csrc] + kernels.extra_include_paths(), extra_cflags=["-O3"],
                          extra_cuda_cflags=kernels.NVCC_FLAGS)
 new = kernels.load("air_topk")
-fi = None
-try:
-    if Path("/tmp/fitopk/topk.so").exists():
-        import flashinfer.topk as fitk
-        gen = fitk.gen_topk_module
-
-        class Prebuilt:
-            def build_and_load(self):
-                return gen().load(Path("/tmp/fitopk/topk.so"))
-
-        fitk.gen_topk_module = lambda: Prebuilt()
-        import flashinfer as fi
-except ImportError:
+if use_prebuilt_topk():
+    import flashinfer as fi
+else:
     fi = None
-flush = torch.ones(128 * 2**20, device="cuda")
+timer = gate.Timer("cuda", host_overhead=False)  # L2 flushed by a read, the launch hidden behind a spin
 
 
 def time_us(f, reps=40):
     f()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        flush.sum()
-        torch.cuda._sleep(1_000_000)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(), f(), e.record(), e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(timer(f) for _ in range(reps))
 
 
 def call(mod, x, k, sorted_):
