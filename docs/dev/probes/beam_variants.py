@@ -59,6 +59,8 @@ def clocks(csrc: Path) -> None:
 
 def prepare(name: str) -> Path:
     root = Path("probe") / f"beam_{name}"
+    if os.environ.get("BEAM_PROBE_KEEP") and root.exists():  # prepared and built by an earlier call
+        return root / "csrc"
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree("csrc", root / "csrc")
     if name.startswith("old"):  # another revision's csrc, extracted into probe/old_csrc (git archive REV csrc)
