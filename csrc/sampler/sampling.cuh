@@ -279,27 +279,42 @@ __device__ __forceinline__ float level_at(int j, float row_max, float c, int wit
   return hi + (lo - hi) * static_cast<float>(j + 1) / kLevels;
 }
 
-// This block's counts of tokens at each level x >= level_at(j, ..., within) (ascending distance
-// from the max), added into h[0..kLevels) (zeroed beforehand; read across the cluster after the next exchange).
-__device__ inline void count_levels(const float* cache, int n, float row_max, float c, int within, int* h) {
+// One thread's counts of its tokens at each level x >= level_at(j, ..., within) (ascending
+// distance from the max), taken one value at a time (during another pass over its range).
+struct LevelCounts {
   float level[kLevels];
   int count[kLevels];
+
+  __device__ __forceinline__ LevelCounts(float row_max, float c, int within) {
 #pragma unroll
-  for (int j = 0; j < kLevels; ++j) {
-    level[j] = level_at(j, row_max, c, within);
-    count[j] = 0;
+    for (int j = 0; j < kLevels; ++j) {
+      level[j] = level_at(j, row_max, c, within);
+      count[j] = 0;
+    }
   }
-  const Range range = range_of(n);
-  for (int i = range.begin; i < range.end; ++i) {
-    const float v = cache[i];
+
+  __device__ __forceinline__ void take(float v) {
 #pragma unroll
     for (int j = 0; j < kLevels; ++j) count[j] += v >= level[j];
   }
+
+  // The threads' counts added into h[0..kLevels) (zeroed beforehand; read across the cluster
+  // after the next exchange). Every thread calls it.
+  __device__ __forceinline__ void add_to(int* h) const {
 #pragma unroll
-  for (int j = 0; j < kLevels; ++j) {
-    const int w = __reduce_add_sync(kFull, count[j]);
-    if (threadIdx.x % 32 == 0 && w) atomicAdd(&h[j], w);
+    for (int j = 0; j < kLevels; ++j) {
+      const int w = __reduce_add_sync(kFull, count[j]);
+      if (threadIdx.x % 32 == 0 && w) atomicAdd(&h[j], w);
+    }
   }
+};
+
+// This block's level counts (LevelCounts) over its chunk, added into h, in a pass of their own.
+__device__ inline void count_levels(const float* cache, int n, float row_max, float c, int within, int* h) {
+  LevelCounts levels(row_max, c, within);
+  const Range range = range_of(n);
+  for (int i = range.begin; i < range.end; ++i) levels.take(cache[i]);
+  levels.add_to(h);
 }
 
 // The candidates' bound of a row's top k (1 <= k < vocab), from the counts of count_levels at the
@@ -654,11 +669,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   };
 
   // 2. S = sum of w; the blocks' sums are the draw's masses when no filter applies. The top-k
-  // bound's level counts travel with this exchange.
-  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, -1, sh.hist[1]);
-  const double row_sum =
-      invalid ? 0.0
-              : exchange_mass(tiled ? block_mass(cache, n, sh, w_tiled) : block_mass(cache, n, sh, w_of), 0.0, nullptr);
+  // bound's level counts are taken in the same pass and travel with this exchange.
+  double mass = 0.0;
+  if (!invalid && !greedy && k_on) {
+    LevelCounts levels(row_max, c, -1);
+    mass = block_mass(cache, n, sh, [&](int i, float v) {
+      levels.take(v);
+      return w_of(i, v);
+    });
+    levels.add_to(sh.hist[1]);
+  } else if (!invalid) {
+    mass = tiled ? block_mass(cache, n, sh, w_tiled) : block_mass(cache, n, sh, w_of);
+  }
+  const double row_sum = invalid ? 0.0 : exchange_mass(mass, 0.0, nullptr);
   bool done = invalid || greedy;
 
   // 3. Candidates: top-k, min-p. A top-k row whose bound's set fits the list (k at most
