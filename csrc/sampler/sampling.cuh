@@ -514,9 +514,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const int n = end > begin ? static_cast<int>(end - begin) : 0;
 
   // Cache the chunk as float32 (-0 made +0, so that equal values have equal keys).
-  // kLoads vectors in flight per thread at a time.
+  // kLoads vectors in flight per thread at a time. Without penalties (which change the cached
+  // values), step 1's max, lowest-index argmax and flags are taken here too: each thread sees its
+  // elements in ascending index order, so its first maximum is its lowest-index one.
   constexpr int kLoads = 8;
   const T* x = logits + row * vocab + begin;
+  float chunk_max = -INFINITY;
+  int chunk_arg = INT32_MAX, chunk_flags = 0;
+  auto take = [&](float v, int i) {
+    if (v != v) chunk_flags |= 1;
+    if (v == INFINITY) chunk_flags |= 2;
+    if (v > chunk_max) {
+      chunk_max = v;
+      chunk_arg = static_cast<int>(begin) + i;
+    }
+  };
   for (int base = tid * VEC; base < n; base += kThreads * VEC * kLoads) {
     Vec<T, VEC> v[kLoads];
 #pragma unroll
@@ -529,7 +541,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
       const int i = base + u * kThreads * VEC;
       if (i < n) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) cache[i + j] = to_float(v[u].v[j]) + 0.f;
+        for (int j = 0; j < VEC; ++j) {
+          const float value = to_float(v[u].v[j]) + 0.f;
+          cache[i + j] = value;
+          if constexpr (!PENALTY) take(value, i + j);
+        }
       }
     }
   }
@@ -576,23 +592,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   int phase = 0;
   const Slot empty{0.0, 0.0, -INFINITY, INT32_MAX, 0};
 
-  // 1. Max, lowest-index argmax, NaN / +inf.
+  // 1. Max, lowest-index argmax, NaN / +inf (with penalties, over the penalised chunk).
   {
-    const Range r = range_of(n);
-    float m = -INFINITY;
-    int arg = INT32_MAX, flags = 0;
-    for (int i = r.begin; i < r.end; ++i) {
-      const float v = cache[i];
-      if (v != v) flags |= 1;
-      if (v == INFINITY) flags |= 2;
-      if (v > m) {
-        m = v;
-        arg = static_cast<int>(begin) + i;
-      }
+    if constexpr (PENALTY) {
+      const Range r = range_of(n);
+      for (int i = r.begin; i < r.end; ++i) take(cache[i], i);
     }
     __shared__ float wm[kWarps];
     __shared__ int wa[kWarps], wf[kWarps];
-    Slot block = warp_keep_max(Slot{0.0, 0.0, m, arg, flags});
+    Slot block = warp_keep_max(Slot{0.0, 0.0, chunk_max, chunk_arg, chunk_flags});
     if (lane == 0) {
       wm[warp] = block.value;
       wa[warp] = block.index;
