@@ -10,8 +10,9 @@
 //     (tile_weight.cuh), so that an unfiltered request draws the same token in either kernel;
 //     the others as 2^((x - max) c) in float32;
 //  3. top-k: counts of tokens at seven levels below the max bound the top k by a set of a few
-//     times k tokens. When that set has at most kGather tokens and k <= slice::kMaxKeys, block 0
-//     gathers it, selects the top k and draws from that list as steps 4-5 do (ranked_draw.cuh,
+//     times k tokens. When that set has at most kGather tokens and k <= slice::kMaxKeys, every
+//     block gathers it and ranks its own entries into block 0's top k, and block 0 draws from
+//     that list as steps 4-5 do (ranked_draw.cuh,
 //     shared with top_k_sampling.cuh), and the row is done. Otherwise the k-th key, by ranking
 //     the gathered set or by a radix select over it (8-bit digits of x's order-preserving bits,
 //     four rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
@@ -61,18 +62,11 @@ constexpr int kMaxTiles = 64;                         // tiles of a block's chun
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 
-// What block 0 of a listed top-k row keeps where its cached chunk was: the row's top k and the
-// selection's scratch.
-struct ListScratch {
-  TopK top;
-  slice::Select select;
-};
-
 // Where the block's top-k candidate list starts in dynamic shared memory, in floats after the
-// cached chunk (or the ListScratch, when larger): 16-byte aligned whatever the chunk's length
-// (the list holds 8-byte keys).
+// cached chunk (or block 0's TopK of a listed row, kept where its cached chunk was, when larger):
+// 16-byte aligned whatever the chunk's length (the list holds 8-byte keys).
 __host__ __device__ constexpr int64_t list_offset(int64_t chunk) {
-  constexpr int64_t kScratch = (sizeof(ListScratch) + 15) / 16 * 4;
+  constexpr int64_t kScratch = (sizeof(TopK) + 15) / 16 * 4;
   return (chunk + 3) / 4 * 4 > kScratch ? (chunk + 3) / 4 * 4 : kScratch;
 }
 
@@ -372,10 +366,10 @@ __device__ inline int refine_bound(cg::cluster_group& cluster, const float* cach
 }
 
 // The row's list of the `total` (<= kGather) tokens at or above sh.lower as rank keys, in `list`
-// of every block when `everywhere`, else of block 0 only: each block lists its own at their place
-// in the row's list, the blocks exchange, and the receiving blocks copy the others' entries.
+// of every block: each block lists its own at their place in the row's list, the blocks exchange,
+// and each copies the others' entries.
 __device__ inline void gather_list(cg::cluster_group& cluster, const float* cache, int n, int64_t begin, int total,
-                                   uint64_t* list, Shared& sh, bool everywhere) {
+                                   uint64_t* list, Shared& sh) {
   const unsigned rank = cluster.block_rank();
   const float lower = sh.lower;
   const Range range = range_of(n);
@@ -385,12 +379,10 @@ __device__ inline void gather_list(cg::cluster_group& cluster, const float* cach
     if (v >= lower) list[offset + atomicAdd(&sh.gather_count, 1)] = rank_key(v, begin + i);
   }
   cluster.sync();
-  if (everywhere || rank == 0) {
-    for (int p = threadIdx.x; p < total; p += kThreads) {
-      int r = 0;
-      while (sh.gather_offset[r + 1] <= p) ++r;
-      if (r != static_cast<int>(rank)) list[p] = *cluster.map_shared_rank(&list[p], r);
-    }
+  for (int p = threadIdx.x; p < total; p += kThreads) {
+    int r = 0;
+    while (sh.gather_offset[r + 1] <= p) ++r;
+    if (r != static_cast<int>(rank)) list[p] = *cluster.map_shared_rank(&list[p], r);
   }
   __syncthreads();
 }
@@ -408,7 +400,7 @@ __device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, 
   const float lower = sh.lower;
   const Range range = range_of(n);
   if (total <= kGather) {
-    gather_list(cluster, cache, n, begin, total, list, sh, true);
+    gather_list(cluster, cache, n, begin, total, list, sh);
     for (int p = tid; p < total; p += kThreads) {
       const uint64_t key = list[p];
       int above[4] = {};
@@ -482,20 +474,47 @@ __device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, 
   return 1 + walk(cache, n, keep - 0.5, sh, tied);
 }
 
-// Block 0 of a listed top-k row: the top k of the gathered list[0, total) and the draw from it
-// (ranked_draw.cuh); writes the row's token and logprob. Not inlined: its registers stay out of
-// the kernel's own (inlined, sample_kernel spilled). Static: one per translation unit. Its
-// selection's loops are unrolled (select_top<true>): one block works alone here, bound by the
-// latency of its shared loads (H200, B = 1 and 16, top-k rows: 0.3-1.2 us faster, same tokens).
-static __device__ __noinline__ void draw_listed(uint64_t* list, int total, int k, ListScratch* scratch, int* count, float t,
-                                         float min_p, float top_p, uint64_t seed, uint64_t position, float row_max,
-                                         double row_sum, int64_t* token, float* logprob) {
-  if (threadIdx.x == 0) *count = total;
+// A listed top-k row, every block of the cluster (each holding the gathered list[0, total),
+// gather_list): its top k ranked into block 0's TopK `top`, then block 0's draw from it
+// (ranked_draw.cuh), which writes the row's token and logprob. Each block ranks its own entries
+// (a key's rank: the list's keys above it, counted by the block's warps over their stretches of
+// the list) and writes those ranked below k into block 0. (Block 0 alone selecting from the list
+// left the other blocks waiting at the last barrier for about half of a batch-1 call, by ncu.)
+// Not inlined: its registers stay out of the kernel's own (inlined, sample_kernel spilled).
+// Static: one per translation unit.
+static __device__ __noinline__ void draw_listed(const uint64_t* list, int total, int k, TopK* top, Shared& sh, float t,
+                                                float min_p, float top_p, uint64_t seed, uint64_t position,
+                                                float row_max, double row_sum, int64_t* token, float* logprob) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned rank = cluster.block_rank();
+  const int first = sh.gather_offset[rank], own = sh.gather_offset[rank + 1] - first;
+  int* above = &sh.hist[0][0];  // the own entries' counts: up to kGather (both histograms, free after the gather)
+  static_assert(kGather <= 2 * kBins, "the counts fit the histograms");
+  for (int i = threadIdx.x; i < own; i += kThreads) above[i] = 0;
   __syncthreads();
-  slice::select_top<true>(list, count, k, scratch->top.ranked, scratch->select);
-  const int r = draw_ranked(scratch->top, k, weight_scale(t), min_p, top_p, seed, position);
+  const int per = (total + kWarps - 1) / kWarps, lo = min(total, warp * per), hi = min(total, lo + per);
+  for (int i = lane; i < own; i += 32) {
+    const uint64_t key = list[first + i];
+    int count[4] = {};
+    int q = lo;
+    for (; q + 4 <= hi; q += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) count[u] += list[q + u] > key;
+    }
+    for (; q < hi; ++q) count[0] += list[q] > key;
+    atomicAdd(&above[i], (count[0] + count[1]) + (count[2] + count[3]));
+  }
+  __syncthreads();
+  uint64_t* ranked = cluster.map_shared_rank(top->ranked, 0);
+  for (int i = threadIdx.x; i < own; i += kThreads) {
+    if (above[i] < k) ranked[above[i]] = list[first + i];
+  }
+  cluster.sync();  // block 0's top->ranked[0, k) is complete
+  if (rank != 0) return;
+  const int r = draw_ranked(*top, k, weight_scale(t), min_p, top_p, seed, position);
   if (threadIdx.x == 0) {
-    const uint64_t key = scratch->top.ranked[r];
+    const uint64_t key = top->ranked[r];
     *token = rank_index(key);
     *logprob = static_cast<float>((static_cast<double>(rank_value(key)) - row_max) / t - log(row_sum));
   }
@@ -705,12 +724,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     }
     listed = total <= kGather && k <= slice::kMaxKeys;
     if (listed) {
-      gather_list(cluster, cache, n, begin, total, list, sh, false);
-      if (rank == 0) {
-        draw_listed(list, total, static_cast<int>(k), reinterpret_cast<ListScratch*>(cache), &sh.gather_count, t, min_p,
-                    top_p, static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]), row_max, row_sum,
-                    a.tokens + row, a.logprobs + row);
-      }
+      gather_list(cluster, cache, n, begin, total, list, sh);
+      draw_listed(list, total, static_cast<int>(k), reinterpret_cast<TopK*>(cache), sh, t, min_p, top_p,
+                  static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]), row_max, row_sum,
+                  a.tokens + row, a.logprobs + row);  // block 0's TopK where its cached chunk was
       done = true;
     } else {
       tie_cut = top_k_cut(cluster, cache, n, begin, k, total, list, sh, &kth_key);
