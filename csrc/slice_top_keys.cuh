@@ -291,7 +291,7 @@ __device__ uint64_t warp_kth_largest(const uint64_t (&mine)[N], int k) {
   const uint64_t hi = warp_extreme<true>(mine), lo = warp_extreme<false>(mine);
   if (hi <= lo) return hi;  // at most one key
   const int top = 63 - __clzll(static_cast<long long>(hi ^ lo));
-  uint64_t kth = top == 63 ? 0 : hi & ~((uint64_t{2} << top) - 1);  // the shared high bits
+  uint64_t kth = hi & ~((uint64_t{2} << top) - 1);  // the shared high bits (none when top = 63: 2 << 63 is 0)
   for (int bit = top; bit >= 0; --bit) {
     const uint64_t probe = kth | (uint64_t{1} << bit);
     int n = 0;
@@ -475,39 +475,34 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
   constexpr int VEC = 16 / sizeof(T), kTileElems = kStageBytes / sizeof(T), kGroups = kTileElems / (32 * VEC);
   extern __shared__ __align__(16) unsigned char stream_memory[];
   __shared__ uint64_t keys[kWarps * kWarpKeys];
-  __shared__ uint64_t arrived[kWarps * kStages];
+  __shared__ uint64_t arrived[BULK ? kWarps * kStages : 1];  // the bulk path's barriers
   __shared__ Select sel;
   __shared__ int count;
   __shared__ Partial<Acc> warp_partial[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tiles = (end - begin + kTileElems - 1) / kTileElems;
-  T* stage = reinterpret_cast<T*>(stream_memory) + warp * kStages * kTileElems;
-  uint64_t* bar = arrived + warp * kStages;
-  auto fetch = [&](int64_t tile, int slot) {
-    const int64_t first = begin + tile * kTileElems;
-    const auto bytes = static_cast<uint32_t>(min(static_cast<int64_t>(kTileElems), end - first) * sizeof(T));
-    bulk_load(stage + slot * kTileElems, x + first, bytes, &bar[slot]);
+  // The warp's tiles warp, warp + kWarps, ... of the slice, through its ring of stages (bulk
+  // copies; without them the lanes copy each tile into its stage).
+  const WarpRing<T, kStages, kTileElems> ring{reinterpret_cast<T*>(stream_memory) + warp * kStages * kTileElems,
+                                              arrived + warp * kStages};
+  const int64_t own = warp < tiles ? (tiles - warp + kWarps - 1) / kWarps : 0;
+  auto source = [&](int64_t j, const T** src, int* elems) {
+    const int64_t first = begin + (warp + j * kWarps) * kTileElems;
+    *src = x + first;
+    *elems = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
   };
   if (threadIdx.x == 0) count = 0;
-  if constexpr (BULK) {
-    if (lane == 0) {
-      for (int slot = 0; slot < kStages; ++slot) init_barrier(&bar[slot]);
-      fence_barrier_init();
-      for (int slot = 0; slot < kStages && warp + slot * kWarps < tiles; ++slot) fetch(warp + slot * kWarps, slot);
-    }
-    __syncwarp();
-  }
+  if constexpr (BULK) ring.start(lane, own, source);
   float m = -kInf;
   Acc s = 0;
   WarpBuffer b{0, min(kWarpKeys - 32, 2 * c + 16), 0, -kInf};
   uint64_t* buffer = keys + warp * kWarpKeys;
   for (int64_t k = 0, tile = warp; tile < tiles; ++k, tile += kWarps) {
-    const int slot = static_cast<int>(k % kStages);
-    T* data = stage + slot * kTileElems;
+    T* data = ring.stage(k);
     const int64_t first = begin + tile * kTileElems;
     const int len = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
     if constexpr (BULK) {
-      wait_barrier(&bar[slot], static_cast<uint32_t>(k / kStages) & 1);
+      ring.wait(k);
     } else {
       __syncwarp();
       for (int i = lane; i < len; i += 32) data[i] = x[first + i];
@@ -516,13 +511,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
     Vec<T, VEC> v[kGroups];
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) v[g] = *reinterpret_cast<const Vec<T, VEC>*>(data + (g * 32 + lane) * VEC);
-    if constexpr (BULK) {
-      __syncwarp();  // the stage is read: refill it with the warp's tile kStages ahead
-      if (lane == 0 && tile + kStages * kWarps < tiles) {
-        fence_proxy_async();
-        fetch(tile + kStages * kWarps, slot);
-      }
-    }
+    if constexpr (BULK) ring.refill(lane, k, own, source);  // the stage is read: refill it with the tile kStages ahead
     if (k == 0 && c < 32) {  // the first tile seeds the floor: the (c + 1)-th of the lanes' bests
       uint64_t best = 0;
 #pragma unroll

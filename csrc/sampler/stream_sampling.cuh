@@ -133,7 +133,7 @@ template <typename T, int VEC, bool BULK>
 __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const T* __restrict__ logits, Args a) {
   constexpr int kStages = kStreamStages<T>;
   extern __shared__ __align__(16) unsigned char stage_memory[];
-  __shared__ uint64_t arrived[kStreamWarps * kStages];
+  __shared__ uint64_t arrived[BULK ? kStreamWarps * kStages : 1];  // the bulk path's barriers
   __shared__ StreamShared sh;
   cg::cluster_group cluster = cg::this_cluster();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -149,34 +149,23 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_sample_kernel(const 
 
   // The streaming pass: a warp's tiles one at a time, the next ones already loading (registers:
   // one tile ahead, 64 KB in flight per SM; bulk copies: kStages tiles ahead, 128 KB per SM).
-  T* stage = reinterpret_cast<T*>(stage_memory) + warp * kStages * kTile;
-  uint64_t* bar = arrived + warp * kStages;
-  auto fetch = [&](int tl, int slot) {
-    const auto bytes = static_cast<uint32_t>(min(kTile, n - tl * kTile) * static_cast<int>(sizeof(T)));
-    bulk_load(stage + slot * kTile, x + tl * kTile, bytes, &bar[slot]);
+  const WarpRing<T, kStages, kTile> ring{reinterpret_cast<T*>(stage_memory) + warp * kStages * kTile, arrived + warp * kStages};
+  const int own = warp < tiles ? (tiles - warp + kStreamWarps - 1) / kStreamWarps : 0;  // the warp's tiles
+  auto source = [&](int64_t j, const T** src, int* elems) {  // the warp's j-th tile: tile warp + j W of the chunk
+    const int tl = warp + static_cast<int>(j) * kStreamWarps;
+    *src = x + tl * kTile;
+    *elems = min(kTile, n - tl * kTile);
   };
-  if constexpr (BULK) {
-    if (lane == 0) {
-      for (int slot = 0; slot < kStages; ++slot) init_barrier(&bar[slot]);
-      fence_barrier_init();
-      for (int slot = 0; slot < kStages && warp + slot * kStreamWarps < tiles; ++slot) fetch(warp + slot * kStreamWarps, slot);
-    }
-    __syncwarp();
-  }
+  if constexpr (BULK) ring.start(lane, own, source);
   TilePart<T, VEC> next;  // the register path: the warp's next tile, loading while it takes this one
   if (!BULK && warp < tiles) next.load_from(x + warp * kTile, n - warp * kTile, lane);
   WarpBest best;
   for (int k = 0, tl = warp; tl < tiles; ++k, tl += kStreamWarps) {
     TilePart<T, VEC> part;
     if constexpr (BULK) {
-      const int slot = k % kStages;
-      wait_barrier(&bar[slot], static_cast<uint32_t>(k / kStages) & 1);
-      part.load_from(stage + slot * kTile, n - tl * kTile, lane);
-      __syncwarp();  // the stage is read: refill it with the warp's tile kStages ahead
-      if (lane == 0 && tl + kStages * kStreamWarps < tiles) {
-        fence_proxy_async();
-        fetch(tl + kStages * kStreamWarps, slot);
-      }
+      ring.wait(k);
+      part.load_from(ring.stage(k), n - tl * kTile, lane);
+      ring.refill(lane, k, own, source);  // the stage is read: refill it with the warp's tile kStages ahead
     } else {
       part = next;
       if (tl + kStreamWarps < tiles) next.load_from(x + (tl + kStreamWarps) * kTile, n - (tl + kStreamWarps) * kTile, lane);
