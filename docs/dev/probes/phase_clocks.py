@@ -1,11 +1,12 @@
 """Phase clocks of the caching sampling kernel (sample_kernel) at batch 1: an instrumented copy of
 sampling.cuh (thread 0 of block 0 records clock64 at phase boundaries and printf's the deltas), built as
 its own extension. Run on the device from the repository root (PYTHONPATH=.); clocks inflate a little."""
-import os, sys, pathlib, torch
+import hashlib, os, sys, pathlib, torch
 from torch.utils import cpp_extension
 from xllm_sampling import kernels
 from xllm_sampling.paths import CSRC_DIR
-inc = pathlib.Path("/tmp/pinc/sampler"); inc.mkdir(parents=True, exist_ok=True)
+inc_root = pathlib.Path("/tmp/pinc") / hashlib.sha1(str(CSRC_DIR).encode()).hexdigest()[:8]  # one per tree: trees may run side by side
+inc = inc_root / "sampler"; inc.mkdir(parents=True, exist_ok=True)
 s = (CSRC_DIR / "sampler/sampling.cuh").read_text()
 def at(anchor, text, before=True):
     global s
@@ -21,20 +22,30 @@ at("  // 4-5. Draw;", "  PH(6);\n")
 at("    token = sh.chosen_index;", "    ++ph_rounds;\n")
 at("  if (!accepted) {", "  PH(7);\n")
 at("  cluster.sync();  // no block leaves", "  PH(8);\n  if (row == 0 && rank == 0 && tid == 0) printf(\"PH rounds %d | load %lld max %lld tiles %lld mass+levels %lld topk_cut %lld cand_mass %lld draw %lld tail %lld levels %lld\\n\", ph_rounds, ph[1]-ph[0], ph[2]-ph[1], ph[3]-ph[2], ph[4]-ph[3], ph[5]-ph[4], ph[6]-ph[5], ph[7]-ph[6], ph[8]-ph[7], ph[9]-ph[3]);\n")
-at("  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, -1, sh.hist[1]);", "\n  PH(9);\n", before=False)
-at("  slice::select_top<true>(list, count, k, scratch->top.ranked, scratch->select);\n", "  long long d0 = clock64();\n")
+# Revisions differ here: a pass of its own for the level counts (PH 9) or none; block 0 selecting
+# the listed top k (select_top) or every block ranking its own entries (draw_listed's first loop).
+if "count_levels(cache, n, row_max, c, -1, sh.hist[1]);" in s:
+    at("  if (!invalid && !greedy && k_on) count_levels(cache, n, row_max, c, -1, sh.hist[1]);", "\n  PH(9);\n", before=False)
+rank_start = ("  slice::select_top<true>(list, count, k, scratch->top.ranked, scratch->select);\n" if "slice::select_top<true>(list" in s
+              else "  for (int i = threadIdx.x; i < own; i += kThreads) above[i] = 0;\n")
+at(rank_start, "  long long d0 = clock64();\n")
 at("  const int r = draw_ranked(", "  long long d1 = clock64();\n")
-at("  if (threadIdx.x == 0) {\n    const uint64_t key = scratch->top.ranked[r];", "  long long d2 = clock64();\n  if (threadIdx.x == 0) printf(\"LIST total %d k %d | select %lld draw %lld\\n\", total, k, d1 - d0, d2 - d1);\n")
-(inc / "sampling.cuh").write_text(s)
+at("  if (threadIdx.x == 0) {\n    const uint64_t key = ", "  long long d2 = clock64();\n  if (threadIdx.x == 0) printf(\"LIST total %d k %d | select %lld draw %lld\\n\", total, k, d1 - d0, d2 - d1);\n")
+if not (inc / "sampling.cuh").exists() or (inc / "sampling.cuh").read_text() != s:  # unchanged: no rebuild
+    (inc / "sampling.cuh").write_text(s)
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 mod = cpp_extension.load(name="xllm_sampling_sampler_ph", sources=[str(p) for p in kernels.sources("sampler")],
-                         extra_include_paths=["/tmp/pinc", str(CSRC_DIR)] + kernels.extra_include_paths(),
+                         extra_include_paths=[str(inc_root), str(CSRC_DIR)] + kernels.extra_include_paths(),
                          extra_cflags=["-O3"], extra_cuda_cflags=kernels.NVCC_FLAGS, verbose=False)
+if os.environ.get("PHASE_BUILD_ONLY"):  # build now (in parallel with other builds), run later
+    sys.exit(0)
 pos = torch.zeros(1, dtype=torch.int64, device="cuda")
 cfgs = {"top-p 0.9": (0, 0.9, 0.0, 0.8), "top-k 1": (1, 1.0, 0.0, 0.8), "top-k 50": (50, 1.0, 0.0, 0.8),
         "top-k 50 + top-p 0.9": (50, 0.9, 0.0, 0.8), "top-k 50 t=1.5": (50, 1.0, 0.0, 1.5), "top-k 50 t=0.3": (50, 1.0, 0.0, 0.3)}
 for V in (32000, 151936):
-    x = torch.randn(1, V, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 3
+    # PHASE_SEED=v: the rows of side_by_side.py and sampler_variants.py at B=1 (seed 1 + V)
+    seed = 1 + V if os.environ.get("PHASE_SEED") == "v" else int(os.environ.get("PHASE_SEED", 0))
+    x = torch.randn(1, V, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) * 3
     for name, (k, p, mp, t) in cfgs.items():
         for rep in range(3):
             mod.sample(x, None, t, None, k, None, p, None, mp, None, 1, None, 5, None, None, 0.0, None, 0.0, None, 1.0)

@@ -1,6 +1,6 @@
 """Which kernels a sampling call's device time goes to: each kernel's mean device time (torch
 profiler, 20 calls, the L2 flushed before each) beside the call's median from CUDA events, fp32,
-temperature 0.8, V = 151936 unless PROBE_VOCAB says. Run on the device from the repository root
+temperature 0.8, V = 151936 unless PROBE_VOCAB says, B in 1, 16, 64, 256 unless PROBE_BATCHES says. Run on the device from the repository root
 (PYTHONPATH=.)."""
 import os
 import statistics
@@ -13,7 +13,7 @@ flush = torch.empty(512 * 2 ** 20, dtype=torch.uint8, device="cuda")
 configs = {"greedy": dict(temperature=0.0), "plain": dict(), "top-k 1": dict(top_k=1), "top-k 50": dict(top_k=50),
            "top-k 50 + top-p 0.9": dict(top_k=50, top_p=0.9), "top-p 0.9": dict(top_p=0.9)}
 print("#", torch.cuda.get_device_name(), "torch", torch.__version__, f"V={V} fp32; us")
-for B in (1, 16, 64, 256):
+for B in map(int, os.environ.get("PROBE_BATCHES", "1,16,64,256").split(",")):
     x = torch.randn(B, V, device="cuda", generator=torch.Generator("cuda").manual_seed(B)) * 3
     pos = torch.arange(B, device="cuda")
     for name, kw in configs.items():
