@@ -274,30 +274,40 @@ __device__ __forceinline__ float level_at(int j, float row_max, float c, int wit
 }
 
 // One thread's counts of its tokens at each level x >= level_at(j, ..., within) (ascending
-// distance from the max), taken one value at a time (during another pass over its range).
+// distance from the max), taken one value at a time (during another pass over its range). The
+// levels do not increase with j, so a value's first level (the smallest j it reaches; kLevels for
+// none) takes three comparisons, and the thread keeps one 9-bit count per first level, packed in
+// one word (a thread's stretch is at most kMaxTiles * kTile / kThreads + 1 values); the count at
+// level j is the sum of the fields 0..j. The same comparisons as one per level, so the same counts.
 struct LevelCounts {
+  static constexpr int kBits = 9;
+  static_assert(kMaxTiles * kTile / kThreads + 1 < (1 << kBits), "a thread's count fits its field");
+  static_assert(kLevels == 7, "take() searches seven levels");
   float level[kLevels];
-  int count[kLevels];
+  uint64_t first = 0;
 
   __device__ __forceinline__ LevelCounts(float row_max, float c, int within) {
 #pragma unroll
-    for (int j = 0; j < kLevels; ++j) {
-      level[j] = level_at(j, row_max, c, within);
-      count[j] = 0;
-    }
+    for (int j = 0; j < kLevels; ++j) level[j] = level_at(j, row_max, c, within);
   }
 
   __device__ __forceinline__ void take(float v) {
-#pragma unroll
-    for (int j = 0; j < kLevels; ++j) count[j] += v >= level[j];
+    const bool upper = v >= level[3];
+    const bool pair = upper ? v >= level[1] : v >= level[5];
+    const int j = upper ? (pair ? 0 : 2) : (pair ? 4 : 6);
+    const float split = upper ? (pair ? level[0] : level[2]) : (pair ? level[4] : level[6]);
+    const int at = j + (v >= split ? 0 : 1);  // kLevels: below every level (or NaN)
+    first += at < kLevels ? uint64_t{1} << (kBits * at) : uint64_t{0};
   }
 
   // The threads' counts added into h[0..kLevels) (zeroed beforehand; read across the cluster
   // after the next exchange). Every thread calls it.
   __device__ __forceinline__ void add_to(int* h) const {
+    int count = 0;
 #pragma unroll
     for (int j = 0; j < kLevels; ++j) {
-      const int w = __reduce_add_sync(kFull, count[j]);
+      count += static_cast<int>((first >> (kBits * j)) & ((1u << kBits) - 1));
+      const int w = __reduce_add_sync(kFull, count);
       if (threadIdx.x % 32 == 0 && w) atomicAdd(&h[j], w);
     }
   }
@@ -521,7 +531,7 @@ static __device__ __noinline__ void draw_listed(const uint64_t* list, int total,
 }
 
 template <typename T, int VEC, bool PENALTY>
-__global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ logits, Args a) {
+__global__ void __launch_bounds__(kThreads, 4) sample_kernel(const T* __restrict__ logits, Args a) {
   extern __shared__ __align__(16) float cache[];
   __shared__ Shared sh;
   cg::cluster_group cluster = cg::this_cluster();
