@@ -321,8 +321,8 @@ __device__ inline void count_levels(const float* cache, int n, float row_max, fl
   levels.add_to(h);
 }
 
-// The candidates' bound of a row's top k (1 <= k < vocab), from the counts of count_levels at the
-// same levels (sh.hist[1], exchanged): the smallest level set holding k tokens holds the top k. Sets
+// The candidates' bound of a row's top k (1 <= k < vocab), from the blocks' LevelCounts at the
+// same levels (taken in the mass pass, or by count_levels when refining; sh.hist[1], exchanged): the smallest level set holding k tokens holds the top k. Sets
 // sh.lower (that level, -inf when none holds k), sh.level (its index) and each block's place in
 // the row's list of the set's tokens; returns the set's size (INT32_MAX when no level holds k) to
 // every thread.
