@@ -80,3 +80,38 @@ def test_a_failed_decode_capture_falls_back_with_one_warning_and_no_lost_token(d
     assert len(failures) == 1
     assert torch.equal(graphed["tokens"], eager["tokens"]) and torch.equal(again["tokens"], eager["tokens"])
     assert step.captures == 0 and step.replays == 0
+
+
+def beam(engine, graphs, beam_flag, num_beams, eos=(5, 9)):
+    """A beam search of 3 requests, 12 new tokens, with the cuda_graph and beam_search flags given."""
+    prompts = torch.randint(1, engine.cfg.vocab, (3, 6), generator=torch.Generator().manual_seed(13))
+    with flags.override(cuda_graph=graphs, beam_search=beam_flag):
+        return engine.beam(prompts, num_beams, 12, eos=list(eos), length_penalty=1.2, early_stopping=False)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_beam_graph_equals_eager_with_the_beam_flag_toggled_between_searches(device, num_beams):
+    """Each beam step after the first replays one graph (cache reorder, decode, beam step) per
+    flags state: searches graphed with the beam_search flag on, off, then on again (the first
+    graph replayed) equal eager searches of a fresh engine bit for bit, sequences and scores."""
+    eager = {on: beam(Engine(device=device), False, on, num_beams) for on in (True, False)}
+    engine = Engine(device=device)
+    for on in (True, False, True):
+        sequences, scores = beam(engine, True, on, num_beams)
+        assert torch.equal(sequences, eager[on][0]) and torch.equal(scores, eager[on][1])
+    (_, _, step), = engine._beam_searches.values()  # one search shape: one StaticStep
+    if device == "cuda":
+        assert step.captures == 2 and step.replays >= 3 * (sequences.shape[-1] - 6) - 8
+    else:
+        assert step.captures == 0 and step.replays == 0 and step.eager_calls > 0
+
+
+def test_beam_searches_of_other_shapes_keep_their_own_state(device):
+    """A search of another width between two of one shape leaves the first shape's restarted state
+    and graph as they were: the third search equals the first."""
+    engine = Engine(device=device)
+    first = beam(engine, True, True, 4)
+    beam(engine, True, True, 2, eos=(7,))
+    third = beam(engine, True, True, 4)
+    assert torch.equal(first[0], third[0]) and torch.equal(first[1], third[1])
+    assert len(engine._beam_searches) == 2

@@ -173,37 +173,45 @@ def candidates(logits: torch.Tensor, running_scores: torch.Tensor, count: int):
 
 
 def advance(state: BeamSearchState, top: torch.Tensor, beams: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Steps 3-5 of the module docstring on the step's ranked continuations (transformers' arithmetic)."""
-    w, step = state.num_beams, int(state.steps)
-    cur_len = state.prompt_len + step
-    hit = torch.isin(tokens, state.eos_ids) | (cur_len + 1 >= state.max_length)
+    """Steps 3-5 of the module docstring on the step's ranked continuations (transformers' arithmetic).
+
+    The step counter stays on the device (no host read), so a CUDA graph can capture this step too.
+    """
+    w, step = state.num_beams, state.steps
+    generated = step + 1  # tokens generated once this step's token is appended
+    hit = torch.isin(tokens, state.eos_ids) | (generated + state.prompt_len >= state.max_length)
     # running beams: the best W continuations, hits pushed down by -1e9
     running = top + hit.to(torch.float32) * NEG
     keep = torch.topk(running, w, dim=-1).indices
     state.running_scores.copy_(running.gather(-1, keep))
-    state.history_tokens[:, :, step] = tokens.gather(-1, keep)
-    state.history_parents[:, :, step] = beams.gather(-1, keep)
+    state.history_tokens.index_copy_(2, step.view(1), tokens.gather(-1, keep)[:, :, None])
+    state.history_parents.index_copy_(2, step.view(1), beams.gather(-1, keep)[:, :, None])
     # finished pool: hits ranked inside the top W, unless the request is done
     just = hit.clone()
     just[:, w:] = False
-    score = top / ((cur_len + 1 - state.prompt_len) ** state.length_penalty)
+    score = top / _length_penalty(generated, state.length_penalty)
     score += (state.pool_finished.all(-1, keepdim=True) & (state.early_stopping is True)).to(torch.float32) * NEG
     score += (~state.improvable[:, None]).to(torch.float32) * NEG
     score += (~just).to(torch.float32) * NEG
     pick = torch.topk(torch.cat((state.pool_scores, score), -1), w, dim=-1).indices
     for pool, new in ((state.pool_scores, score), (state.pool_finished, just),
-                      (state.pool_step, torch.full_like(tokens, step)), (state.pool_parent, beams),
+                      (state.pool_step, step.expand_as(tokens)), (state.pool_parent, beams),
                       (state.pool_token, tokens)):
         pool.copy_(torch.cat((pool, new), -1).gather(-1, pick))
     # the early-stop heuristic, at the new length
-    cur_len += 1
     never = state.early_stopping == "never" and state.length_penalty > 0.0
-    best_length = (state.max_length if never else cur_len) - state.prompt_len
-    best = state.running_scores[:, :1] / (best_length ** state.length_penalty)
+    best_length = torch.full_like(step, state.max_length - state.prompt_len) if never else generated
+    best = state.running_scores[:, :1] / _length_penalty(best_length, state.length_penalty)
     worst = torch.where(state.pool_finished, state.pool_scores.min(-1, keepdim=True).values, NEG)
     state.improvable &= (best > worst).any(-1)
     state.all_hit.copy_(hit.all(-1))
     state.steps += 1
+
+
+def _length_penalty(length: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``length ** penalty`` (a 0-d device tensor) as transformers computes it on the host: in
+    double precision, rounded to float32 by the division it divides."""
+    return length.double() ** penalty
 
 
 def original(logits: torch.Tensor, state: BeamSearchState) -> None:
