@@ -141,6 +141,29 @@ def test_environment_without_cpython_internals_still_reads(monkeypatch):
     """Where os.environ is a plain mapping (no encoded-key dict), flags read it the portable way."""
     monkeypatch.setattr(flags.os, "environ", {"XLLM_SAMPLING_SAMPLER": "off"})
     assert flags.lookup("sampler") == (False, "env:XLLM_SAMPLING_SAMPLER")
+    assert flags.values(("sampler", "nvtx")) == (False, False)
+
+
+def test_values_follow_each_source_at_the_next_call(monkeypatch, tmp_path):
+    """values() (every op's read of its flags) sees a change of the environment, of an alias, of
+    the flags file and of a value set from code at the very next call, in precedence order."""
+    names = ("sampler", "nvtx")
+    for var in flags.definition("sampler").env_vars + flags.definition("nvtx").env_vars:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(flags.FLAGS_FILE_ENV, raising=False)
+    assert flags.values(names) == (True, False)
+    monkeypatch.setenv("XLLM_ENABLE_NVTX", "1")  # an alias
+    assert flags.values(names) == (True, True)
+    monkeypatch.setenv("XLLM_SAMPLING_NVTX", "off")  # the flag's own variable wins over its alias
+    assert flags.values(names) == (True, False)
+    path = tmp_path / "flags.toml"
+    flags.write_file(path, {"sampler": False, "nvtx": True})
+    monkeypatch.setenv(flags.FLAGS_FILE_ENV, str(path))
+    assert flags.values(names) == (False, True)
+    with flags.override(sampler=True):
+        assert flags.values(names) == (True, True)
+    assert flags.values(names) == (False, True)
+    assert flags.values(list(names)) == (False, True)  # any iterable of names
 
 
 @pytest.mark.parametrize("op", ["logit_softmax", "air_topk", "sampler", "beam_search"])
@@ -167,14 +190,14 @@ def test_an_op_call_reads_the_flags_file_once(monkeypatch, tmp_path, op):
     monkeypatch.setattr(flags.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
     calls[op]()
     assert stats == [str(path)]
-    seen = []  # the flags looked up by the next call, after a toggle
+    seen = []  # the flags read by the next call, after a toggle, and their values
 
-    def looked_up(d, file_values, real=flags._lookup):
-        value = real(d, file_values)
-        seen.append((d.name, value[0]))
+    def read(names, real=flags.values):
+        value = real(names)
+        seen.append(dict(zip(names, value)))
         return value
 
-    monkeypatch.setattr(flags, "_lookup", looked_up)
+    monkeypatch.setattr(flags, "values", read)
     flags.write_file(path, {op: False})  # another size: seen as changed whatever the file clock
     calls[op]()
-    assert seen == [(op, False), ("nvtx", False)]
+    assert seen == [{op: False, "nvtx": False}]

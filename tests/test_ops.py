@@ -97,6 +97,25 @@ def test_tensors_on_different_devices_are_refused():
         xs.beam_search_step(torch.randn(4, 8, device="cuda"), xs.BeamSearchState.start(2, 2, 3, 9))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("call, match", [
+    (lambda x: xs.logit_softmax(x[None]), r"logits: expected a 2-D tensor \(batch, vocab\)"),
+    (lambda x: xs.logit_softmax(x[:, :0]), "logits: empty tensor"),
+    (lambda x: xs.logit_softmax(x.long()), "logits: dtype"),
+    (lambda x: xs.logit_softmax(x, torch.ones(3, device="cuda")), r"temperature: expected shape \(2,\)"),
+    (lambda x: xs.logit_softmax(x, torch.ones(2, 1, device="cuda")), r"temperature: expected shape \(2,\)"),
+    (lambda x: xs.logit_softmax(x, out=torch.empty(2, 4, dtype=torch.float16, device="cuda")), "out: expected a float32"),
+    (lambda x: xs.logit_softmax(x, out=torch.empty(4, 2, device="cuda").t()), "out: must be contiguous"),
+    (lambda x: xs.logit_softmax(x, out=torch.empty(2, 4)), "out: must be contiguous and on cuda"),
+])
+def test_bad_gpu_input_to_the_kernel_is_a_value_error_naming_the_argument(call, match):
+    """The kernel's binding checks the GPU call's tensors (the op's Python passes them straight
+    through): the same ValueError naming the argument as the torch path's checks."""
+    with flags.override(logit_softmax=True):
+        with pytest.raises(ValueError, match=match):
+            call(torch.randn(2, 4, device="cuda"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("log", [False, True])
 def test_logit_softmax_fast_equals_original(device, log):

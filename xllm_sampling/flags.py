@@ -163,12 +163,12 @@ def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
 def _environ_get(var: str) -> str | None:
     """``os.environ.get(var)`` in a fraction of its cost (a flag is read on every op call): one
     lookup in the mapping's own dict under its encoded key, where CPython keeps one."""
-    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
-    if not isinstance(data, dict) or encode is None:
+    data = _environ_data()
+    if data is None:
         return os.environ.get(var)
     key = _encoded_keys.get(var)
     if key is None:
-        key = _encoded_keys[var] = encode(var)
+        key = _encoded_keys[var] = os.environ.encodekey(var)
     raw = data.get(key)
     return None if raw is None else os.environ.decodevalue(raw)
 
@@ -207,7 +207,7 @@ def _env_value(d: FlagDef) -> tuple[str, str] | None:
     return None
 
 
-_parsed_env: dict[tuple[str, str], Any] = {}  # (flag, text) -> value: parsed once
+_parsed_env: dict[tuple[str, Any], Any] = {}  # (flag, text or values()' raw environment value) -> value: parsed once
 
 
 def lookup(name: str) -> tuple[Any, str]:
@@ -285,9 +285,44 @@ def path_flags() -> tuple[str, ...]:
 
 def values(names: Iterable[str]) -> tuple:
     """The current values of the flags ``names``, read as :func:`get` reads each (a change applies
-    at once), the flags file once for all of them."""
+    at once), the flags file once for all of them. Every op reads its flags through this on every
+    call: for a tuple of names it walks a plan made once (each flag's definition and its
+    environment variables' keys in ``os.environ``'s own dict), with no call per flag."""
     file_values = _file_values()
-    return tuple([_lookup(DEFINITIONS[name], file_values)[0] for name in names])  # a list: cheaper than a generator
+    plan = _plans.get(names) if type(names) is tuple else None
+    if plan is None:
+        if type(names) is not tuple or _environ_data() is None:
+            return tuple([_lookup(DEFINITIONS[name], file_values)[0] for name in names])
+        plan = _plans[names] = tuple((DEFINITIONS[n], tuple(os.environ.encodekey(v) for v in DEFINITIONS[n].env_vars))
+                                     for n in names)
+    data, code, out = os.environ._data, _code_values, []
+    for d, keys in plan:
+        name = d.name
+        if name in code:
+            out.append(code[name])
+        elif name in file_values:
+            out.append(file_values[name])
+        else:
+            for key in keys:
+                raw = data.get(key)
+                if raw is not None:
+                    parsed = _parsed_env.get((name, raw))
+                    if parsed is None:
+                        parsed = _parsed_env[name, raw] = parse(name, os.environ.decodevalue(raw))
+                    out.append(parsed)
+                    break
+            else:
+                out.append(d.default)
+    return tuple(out)
+
+
+_plans: dict[tuple, tuple] = {}  # names -> ((definition, encoded environment keys), ...): values()' plans
+
+
+def _environ_data() -> dict | None:
+    """``os.environ``'s own dict of encoded keys and values, where CPython keeps one (else None)."""
+    data = getattr(os.environ, "_data", None)
+    return data if isinstance(data, dict) and hasattr(os.environ, "encodekey") else None
 
 
 def path_state() -> tuple:

@@ -587,27 +587,43 @@ void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_sca
 
 }  // namespace
 
-// The binding: writes into `out` when given, else into a new float32 tensor shaped like logits
-// (allocated here, where it costs a fraction of a Python torch.empty); returns it.
+// The binding, which checks every tensor argument itself (a ValueError in Python naming the
+// argument, as the op's torch path raises): the op's Python passes a GPU call straight here, so a
+// batch-1 call costs the host little more than the launch. Writes into `out` when given, else into
+// a new float32 tensor shaped like logits; returns it.
 torch::Tensor logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar,
                             bool log, c10::optional<torch::Tensor> out_opt) {
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
-  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(logits.sizes(), logits.options().dtype(torch::kFloat32));
-  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
-              "out: contiguous float32 tensor shaped like logits");
+  TORCH_CHECK_VALUE(logits.is_cuda(), "logits: expected a CUDA tensor");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (batch, vocab), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(0) > 0 && logits.size(1) > 0, "logits: empty tensor of shape ", logits.sizes());
+  logits = logits.contiguous();
   const float* temp = nullptr;
   if (temperature.has_value()) {
-    TORCH_CHECK(temperature->is_cuda() && temperature->scalar_type() == torch::kFloat32 &&
-                    temperature->is_contiguous() && temperature->numel() == logits.size(0),
-                "temperature: contiguous float32 (batch,)");
+    const torch::Tensor& t = *temperature;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), "temperature: expected shape (", logits.size(0),
+                      ",) to match the batch, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == logits.device(), "temperature: on ", t.device(), " but logits are on ",
+                      logits.device());
+    TORCH_CHECK_VALUE(t.scalar_type() == torch::kFloat32, "temperature: expected float32, got ", t.scalar_type());
+    temperature = t.contiguous();
     temp = temperature->data_ptr<float>();
+  }
+  torch::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK_VALUE(out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
+                      "out: expected a float32 tensor of shape ", logits.sizes());
+    TORCH_CHECK_VALUE(out.device() == logits.device() && out.is_contiguous(), "out: must be contiguous and on ",
+                      logits.device());
+  } else {
+    out = torch::empty(logits.sizes(), logits.options().dtype(torch::kFloat32));
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   switch (logits.scalar_type()) {
     case torch::kFloat32: dispatch_vec<float>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
     case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
     case torch::kFloat16: dispatch_vec<__half>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
-    default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
+    default: TORCH_CHECK_VALUE(false, "logits: dtype ", logits.scalar_type(), " not supported; expected float32, bfloat16 or float16");
   }
   return out;
 }

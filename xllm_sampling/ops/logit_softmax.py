@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, kernels, nvtx
+from .. import _checks, flags, kernels, nvtx
 
 
 def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | None:
@@ -54,6 +54,27 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
     -inf logits get probability 0; a row of all -inf, or with a NaN, gives NaN in every entry,
     as ``torch.softmax`` does. Flag ``logit_softmax`` off: the original torch path.
     """
+    on, ranges = flags.values(_FLAGS)
+    kernel = kernels.load("logit_softmax") if on and type(logits) is torch.Tensor and logits.is_cuda else None
+    if kernel is None:
+        return _torch_path(logits, temperature, log, out, ranges)
+    # The kernel's call: the binding checks the tensors' shapes, dtypes and devices (a ValueError
+    # naming the argument), so that a batch-1 call costs the host a few microseconds.
+    if type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32:
+        tensor, scalar = temperature, 1.0
+    else:
+        t = _temperature(temperature, logits)
+        tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
+    with nvtx.range_if(ranges, "logit_softmax"):
+        return kernel.logit_softmax(logits, tensor, scalar, log, out)
+
+
+_FLAGS = ("logit_softmax", "nvtx")  # what a call reads: its step's flag and whether to open an NVTX range
+
+
+def _torch_path(logits, temperature, log: bool, out, ranges: bool) -> torch.Tensor:
+    """:func:`logit_softmax` without its kernel (CPU tensors, the flag off, no compiler): every
+    argument checked here, then :func:`original`."""
     _checks.logits_2d("logits", logits)
     t = _temperature(temperature, logits)
     if out is not None:
@@ -61,12 +82,6 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
             raise ValueError(f"out: expected a float32 tensor of shape {tuple(logits.shape)}")
         if out.device != logits.device or not out.is_contiguous():
             raise ValueError(f"out: must be contiguous and on {logits.device}")
-    on, span = nvtx.op_call("logit_softmax")
-    with span:
-        kernel = kernels.load("logit_softmax") if on and logits.is_cuda else None
-        if kernel is None:
-            result = original(logits, t, log)
-            return result if out is None else out.copy_(result)
-        tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
-        return kernel.logit_softmax(logits.contiguous(), tensor.contiguous() if tensor is not None else None, scalar,
-                                    log, out)
+    with nvtx.range_if(ranges, "logit_softmax"):
+        result = original(logits, t, log)
+        return result if out is None else out.copy_(result)
