@@ -67,37 +67,35 @@ def _flashinfer():
     return flashinfer
 
 
-def _implementations(op: str, fi) -> dict[str, Callable | None]:
-    """(inputs) -> result callables for the original path, the fast path and FlashInfer."""
-    def with_flag(name, on, fn):
-        def run(*args):
-            with flags.override(**{name: on}):
-                return fn(*args)
-        return run
-
+def _implementations(op: str, fi) -> dict[str, tuple[dict, Callable | None]]:
+    """The original path, the fast path and FlashInfer: each a (flags to set around the timing,
+    (inputs) -> result callable) pair. The flags are set once around a measurement, as a user sets
+    them, never per call (a ``flags.override`` costs the host more than a batch-1 op)."""
     if op == "logit_softmax":
         fn = lambda x, t: logit_softmax(x, t)  # noqa: E731
         ref = fi and (lambda x, t: fi.sampling.softmax(x, t))
-        return {"original": with_flag("logit_softmax", False, fn), "fast": with_flag("logit_softmax", True, fn), "flashinfer": ref}
-    if op in TOPK_VARIANTS:
+        step = "logit_softmax"
+    elif op in TOPK_VARIANTS:
         k, by_value = TOPK_VARIANTS[op]
         fn = lambda x, t: air_topk_last_dim(x, min(k, x.shape[-1]), sorted_by_value=by_value)  # noqa: E731
         ref = fi and (lambda x, t: fi.top_k(x, min(k, x.shape[-1]), sorted=by_value))
-        return {"original": with_flag("air_topk", False, fn), "fast": with_flag("air_topk", True, fn), "flashinfer": ref}
-    if op in SAMPLING_VARIANTS:
-        step = _sampling_step(op)
+        step = "air_topk"
+    elif op in SAMPLING_VARIANTS:
+        sample_step = _sampling_step(op)
         per_batch = {}  # batch: (positions, generated tokens), made once, outside the timing
 
         def fn(x, t):
             if x.shape[0] not in per_batch:
                 per_batch[x.shape[0]] = _sampling_inputs(x)
-            return step(x, t, *per_batch[x.shape[0]])
+            return sample_step(x, t, *per_batch[x.shape[0]])
 
         fi_call = SAMPLING_VARIANTS[op][1]
         ref = fi and fi_call and (lambda x, t: fi_call(fi, x, t))
-        return {"original": with_flag("sampler", False, fn), "fast": with_flag("sampler", True, fn), "flashinfer": ref}
-    return {"original": with_flag("beam_search", False, _beam_step(BEAM_VARIANTS[op])),
-            "fast": with_flag("beam_search", True, _beam_step(BEAM_VARIANTS[op])), "flashinfer": None}
+        step = "sampler"
+    else:  # a beam op: each path advances its own search state
+        return {"original": ({"beam_search": False}, _beam_step(BEAM_VARIANTS[op])),
+                "fast": ({"beam_search": True}, _beam_step(BEAM_VARIANTS[op])), "flashinfer": ({}, None)}
+    return {"original": ({step: False}, fn), "fast": ({step: True}, fn), "flashinfer": ({}, ref)}
 
 
 def _sampling_step(op: str) -> Callable:
@@ -122,22 +120,21 @@ def _sampling_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, vocab, (batch, PENALTY_TOKENS), device=x.device, generator=g))
 
 
-def _graphed_sampling(op: str) -> Callable:
-    """(x, t) -> the fast path of sampling op ``op`` replayed through a GraphRunner as a decode loop
-    drives it: its inputs the runner's static inputs (made once per shape), positions advanced in
-    the graph, outputs the graph's own buffers (copy_outputs=False)."""
+def _graphed_sampling(op: str) -> tuple[dict, Callable]:
+    """(flags, (x, t) -> the fast path of sampling op ``op`` replayed through a GraphRunner as a
+    decode loop drives it: its inputs the runner's static inputs (made once per shape), positions
+    advanced in the graph, outputs the graph's own buffers (copy_outputs=False))."""
     from .ops.cuda_graph import GraphRunner
 
     runner = GraphRunner(_sampling_step(op), name=f"bench_{op}", advance=(2,), copy_outputs=False)
     per_shape = {}
 
     def call(x, t):
-        with flags.override(sampler=True, cuda_graph=True):
-            if x.shape not in per_shape:
-                per_shape[x.shape] = runner.static_inputs(x, t, *_sampling_inputs(x))
-            return runner(*per_shape[x.shape])
+        if x.shape not in per_shape:
+            per_shape[x.shape] = runner.static_inputs(x, t, *_sampling_inputs(x))
+        return runner(*per_shape[x.shape])
 
-    return call
+    return {"sampler": True, "cuda_graph": True}, call
 
 
 def _beam_step(beams: int) -> Callable:
@@ -184,14 +181,15 @@ def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, ba
     inputs = [((torch.randn(rows, vocab, device=device) * 3).to(dtype), torch.full((rows,), 0.8, device=device))
               for _ in range(copies)]
     result = {}
-    for name, fn in _implementations(op, fi).items():
+    for name, (flag_values, fn) in _implementations(op, fi).items():
         if fn is None:
             result[name] = None
             continue
         try:
-            for args in inputs[:2]:
-                fn(*args)
-            result[name] = statistics.median(timer(lambda: fn(*inputs[i % copies])) for i in range(reps))
+            with flags.override(**flag_values):
+                for args in inputs[:2]:
+                    fn(*args)
+                result[name] = statistics.median(timer(lambda: fn(*inputs[i % copies])) for i in range(reps))
         except Exception:  # noqa: BLE001 - an implementation that cannot run this cell shows n/a
             result[name] = None
     floor = _floor_bytes(op, batch, vocab, dtype) / bandwidth * 1e6
@@ -263,13 +261,15 @@ def host(ops, batches, vocab: int, reps: int, progress: Callable[[str], None]) -
             implementations = _implementations(op, fi)
             if op in SAMPLING_VARIANTS:
                 implementations["graphed"] = _graphed_sampling(op)
-            for name, fn in implementations.items():
+            for name, (flag_values, fn) in implementations.items():
                 if name == "original" or fn is None:
                     continue
                 call = lambda fn=fn: fn(x, t)  # noqa: E731
-                call(), call()
-                device_us = statistics.median(_per_call(call, device, True) for _ in range(reps)) if device == "cuda" else None
-                wall_us = statistics.median(_per_call(call, device, False) for _ in range(reps))
+                with flags.override(**flag_values):
+                    call(), call()
+                    device_us = (statistics.median(_per_call(call, device, True) for _ in range(reps))
+                                 if device == "cuda" else None)
+                    wall_us = statistics.median(_per_call(call, device, False) for _ in range(reps))
                 row[name] = {"device_us": device_us, "wall_us": wall_us}
             rows.append(row)
             progress(f"[{len(rows)}/{len(ops) * len(batches)}] host overhead {op} B={batch}")

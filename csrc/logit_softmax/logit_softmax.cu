@@ -593,37 +593,40 @@ void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_sca
 // a new float32 tensor shaped like logits; returns it.
 torch::Tensor logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar,
                             bool log, c10::optional<torch::Tensor> out_opt) {
+  // Every check first, before anything is allocated or launched.
   TORCH_CHECK_VALUE(logits.is_cuda(), "logits: expected a CUDA tensor");
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (batch, vocab), got shape ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(0) > 0 && logits.size(1) > 0, "logits: empty tensor of shape ", logits.sizes());
-  logits = logits.contiguous();
-  const float* temp = nullptr;
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_VALUE(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kFloat16, "logits: dtype ",
+                    c10::toString(dtype), " not supported; expected float32, bfloat16 or float16");
   if (temperature.has_value()) {
     const torch::Tensor& t = *temperature;
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), "temperature: expected shape (", logits.size(0),
                       ",) to match the batch, got ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == logits.device(), "temperature: on ", t.device(), " but logits are on ",
                       logits.device());
-    TORCH_CHECK_VALUE(t.scalar_type() == torch::kFloat32, "temperature: expected float32, got ", t.scalar_type());
-    temperature = t.contiguous();
-    temp = temperature->data_ptr<float>();
+    TORCH_CHECK_VALUE(t.scalar_type() == torch::kFloat32, "temperature: expected float32, got ",
+                      c10::toString(t.scalar_type()));
   }
-  torch::Tensor out;
   if (out_opt.has_value()) {
-    out = *out_opt;
-    TORCH_CHECK_VALUE(out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
+    TORCH_CHECK_VALUE(out_opt->scalar_type() == torch::kFloat32 && out_opt->sizes() == logits.sizes(),
                       "out: expected a float32 tensor of shape ", logits.sizes());
-    TORCH_CHECK_VALUE(out.device() == logits.device() && out.is_contiguous(), "out: must be contiguous and on ",
-                      logits.device());
-  } else {
-    out = torch::empty(logits.sizes(), logits.options().dtype(torch::kFloat32));
+    TORCH_CHECK_VALUE(out_opt->device() == logits.device() && out_opt->is_contiguous(),
+                      "out: must be contiguous and on ", logits.device());
   }
-  const c10::cuda::CUDAGuard guard(logits.device());
-  switch (logits.scalar_type()) {
-    case torch::kFloat32: dispatch_vec<float>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
-    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
-    case torch::kFloat16: dispatch_vec<__half>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
-    default: TORCH_CHECK_VALUE(false, "logits: dtype ", logits.scalar_type(), " not supported; expected float32, bfloat16 or float16");
+  const torch::Tensor x = logits.contiguous();
+  const torch::Tensor t = temperature.has_value() ? temperature->contiguous() : torch::Tensor();
+  const float* temp = t.defined() ? t.data_ptr<float>() : nullptr;
+  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const float scalar = static_cast<float>(temp_scalar);
+  if (dtype == torch::kFloat32) {
+    dispatch_vec<float>(x, temp, scalar, log, out);
+  } else if (dtype == torch::kBFloat16) {
+    dispatch_vec<__nv_bfloat16>(x, temp, scalar, log, out);
+  } else {
+    dispatch_vec<__half>(x, temp, scalar, log, out);
   }
   return out;
 }
