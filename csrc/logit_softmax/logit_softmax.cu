@@ -19,7 +19,11 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
+
+#include <string>
+#include <variant>
 
 #include "bulk_copy.cuh"
 #include "launch_helpers.cuh"
@@ -587,46 +591,58 @@ void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_sca
 
 }  // namespace
 
-// The binding, which checks every tensor argument itself (a ValueError in Python naming the
-// argument, as the op's torch path raises): the op's Python passes a GPU call straight here, so a
-// batch-1 call costs the host little more than the launch. Writes into `out` when given, else into
-// a new float32 tensor shaped like logits; returns it.
-torch::Tensor logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar,
-                            bool log, c10::optional<torch::Tensor> out_opt) {
-  // Every check first, before anything is allocated or launched.
-  TORCH_CHECK_VALUE(logits.is_cuda(), "logits: expected a CUDA tensor");
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (batch, vocab), got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(0) > 0 && logits.size(1) > 0, "logits: empty tensor of shape ", logits.sizes());
+// The problem with the binding's arguments, as the message of the ValueError the op raises (the
+// op's torch path raises the same ones); empty when there is none.
+std::string argument_problem(const torch::Tensor& logits, const c10::optional<torch::Tensor>& temperature,
+                             const c10::optional<torch::Tensor>& out) {
+  if (!logits.is_cuda()) return "logits: expected a CUDA tensor";
+  if (logits.dim() != 2) return c10::str("logits: expected a 2-D tensor (batch, vocab), got shape ", logits.sizes());
+  if (logits.size(0) == 0 || logits.size(1) == 0) return c10::str("logits: empty tensor of shape ", logits.sizes());
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK_VALUE(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kFloat16, "logits: dtype ",
-                    c10::toString(dtype), " not supported; expected float32, bfloat16 or float16");
+  if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16) {
+    return c10::str("logits: dtype ", c10::toString(dtype), " not supported; expected float32, bfloat16 or float16");
+  }
   if (temperature.has_value()) {
-    const torch::Tensor& t = *temperature;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), "temperature: expected shape (", logits.size(0),
-                      ",) to match the batch, got ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == logits.device(), "temperature: on ", t.device(), " but logits are on ",
-                      logits.device());
-    TORCH_CHECK_VALUE(t.scalar_type() == torch::kFloat32, "temperature: expected float32, got ",
-                      c10::toString(t.scalar_type()));
+    if (temperature->dim() != 1 || temperature->size(0) != logits.size(0)) {
+      return c10::str("temperature: expected shape (", logits.size(0), ",) to match the batch, got ", temperature->sizes());
+    }
+    if (temperature->device() != logits.device()) {
+      return c10::str("temperature: on ", temperature->device(), " but logits are on ", logits.device());
+    }
+    if (temperature->scalar_type() != torch::kFloat32) {
+      return c10::str("temperature: expected float32, got ", c10::toString(temperature->scalar_type()));
+    }
   }
-  if (out_opt.has_value()) {
-    TORCH_CHECK_VALUE(out_opt->scalar_type() == torch::kFloat32 && out_opt->sizes() == logits.sizes(),
-                      "out: expected a float32 tensor of shape ", logits.sizes());
-    TORCH_CHECK_VALUE(out_opt->device() == logits.device() && out_opt->is_contiguous(),
-                      "out: must be contiguous and on ", logits.device());
+  if (out.has_value()) {
+    if (out->scalar_type() != torch::kFloat32 || out->sizes() != logits.sizes()) {
+      return c10::str("out: expected a float32 tensor of shape ", logits.sizes());
+    }
+    if (out->device() != logits.device() || !out->is_contiguous()) {
+      return c10::str("out: must be contiguous and on ", logits.device());
+    }
   }
+  return {};
+}
+
+// The binding: the op's Python passes a GPU call straight here, so that a batch-1 call costs the
+// host little more than the launch. Checks every argument first and returns the problem as a
+// string (the op raises it as a ValueError: no C++ exception crosses the binding); else writes
+// into `out` when given, or into a new float32 tensor shaped like logits, and returns it.
+std::variant<torch::Tensor, std::string> logit_softmax(const torch::Tensor& logits,
+                                                       const c10::optional<torch::Tensor>& temperature,
+                                                       double temp_scalar, bool log,
+                                                       const c10::optional<torch::Tensor>& out_opt) {
+  if (std::string problem = argument_problem(logits, temperature, out_opt); !problem.empty()) return problem;
   const torch::Tensor x = logits.contiguous();
   const torch::Tensor t = temperature.has_value() ? temperature->contiguous() : torch::Tensor();
   const float* temp = t.defined() ? t.data_ptr<float>() : nullptr;
   torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
   const c10::cuda::CUDAGuard guard(x.device());
   const float scalar = static_cast<float>(temp_scalar);
-  if (dtype == torch::kFloat32) {
-    dispatch_vec<float>(x, temp, scalar, log, out);
-  } else if (dtype == torch::kBFloat16) {
-    dispatch_vec<__nv_bfloat16>(x, temp, scalar, log, out);
-  } else {
-    dispatch_vec<__half>(x, temp, scalar, log, out);
+  switch (x.scalar_type()) {
+    case torch::kFloat32: dispatch_vec<float>(x, temp, scalar, log, out); break;
+    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(x, temp, scalar, log, out); break;
+    default: dispatch_vec<__half>(x, temp, scalar, log, out); break;
   }
   return out;
 }

@@ -58,15 +58,18 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
     kernel = kernels.load("logit_softmax") if on and type(logits) is torch.Tensor and logits.is_cuda else None
     if kernel is None:
         return _torch_path(logits, temperature, log, out, ranges)
-    # The kernel's call: the binding checks the tensors' shapes, dtypes and devices (a ValueError
-    # naming the argument), so that a batch-1 call costs the host a few microseconds.
+    # The kernel's call: the binding checks the tensors' shapes, dtypes and devices and returns a
+    # problem as a string, so that a batch-1 call costs the host a few microseconds.
     if type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32:
         tensor, scalar = temperature, 1.0
     else:
         t = _temperature(temperature, logits)
         tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
     with nvtx.range_if(ranges, "logit_softmax"):
-        return kernel.logit_softmax(logits, tensor, scalar, log, out)
+        result = kernel.logit_softmax(logits, tensor, scalar, log, out)
+    if type(result) is str:
+        raise ValueError(result)
+    return result
 
 
 _FLAGS = ("logit_softmax", "nvtx")  # what a call reads: its step's flag and whether to open an NVTX range
