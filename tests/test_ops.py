@@ -108,9 +108,9 @@ def test_tensors_on_different_devices_are_refused():
     (lambda x: xs.logit_softmax(x, out=torch.empty(4, 2, device="cuda").t()), "out: must be contiguous"),
     (lambda x: xs.logit_softmax(x, out=torch.empty(2, 4)), "out: must be contiguous and on cuda"),
 ])
-def test_bad_gpu_input_to_the_kernel_is_a_value_error_naming_the_argument(call, match):
-    """The kernel's binding checks the GPU call's tensors (the op's Python passes them straight
-    through): the same ValueError naming the argument as the torch path's checks."""
+def test_bad_gpu_input_is_a_value_error_naming_the_argument(call, match):
+    """A GPU call with the flag on takes logit_softmax's short checks: every bad argument still
+    gets the torch path's ValueError naming it, and the kernel never sees it."""
     with flags.override(logit_softmax=True):
         with pytest.raises(ValueError, match=match):
             call(torch.randn(2, 4, device="cuda"))

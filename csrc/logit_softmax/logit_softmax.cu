@@ -19,11 +19,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <pybind11/stl.h>
 #include <torch/extension.h>
-
-#include <string>
-#include <variant>
 
 #include "bulk_copy.cuh"
 #include "launch_helpers.cuh"
@@ -591,58 +587,27 @@ void dispatch_vec(const torch::Tensor& logits, const float* temp, float temp_sca
 
 }  // namespace
 
-// The problem with the binding's arguments, as the message of the ValueError the op raises (the
-// op's torch path raises the same ones); empty when there is none.
-std::string argument_problem(const torch::Tensor& logits, const c10::optional<torch::Tensor>& temperature,
-                             const c10::optional<torch::Tensor>& out) {
-  if (!logits.is_cuda()) return "logits: expected a CUDA tensor";
-  if (logits.dim() != 2) return c10::str("logits: expected a 2-D tensor (batch, vocab), got shape ", logits.sizes());
-  if (logits.size(0) == 0 || logits.size(1) == 0) return c10::str("logits: empty tensor of shape ", logits.sizes());
-  const auto dtype = logits.scalar_type();
-  if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16) {
-    return c10::str("logits: dtype ", c10::toString(dtype), " not supported; expected float32, bfloat16 or float16");
-  }
+// The binding: writes into `out` when given, else into a new float32 tensor shaped like logits
+// (allocated here, where it costs a fraction of a Python torch.empty); returns it.
+torch::Tensor logit_softmax(torch::Tensor logits, c10::optional<torch::Tensor> temperature, double temp_scalar,
+                            bool log, c10::optional<torch::Tensor> out_opt) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits: contiguous 2-D CUDA tensor");
+  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(logits.sizes(), logits.options().dtype(torch::kFloat32));
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == logits.sizes(),
+              "out: contiguous float32 tensor shaped like logits");
+  const float* temp = nullptr;
   if (temperature.has_value()) {
-    if (temperature->dim() != 1 || temperature->size(0) != logits.size(0)) {
-      return c10::str("temperature: expected shape (", logits.size(0), ",) to match the batch, got ", temperature->sizes());
-    }
-    if (temperature->device() != logits.device()) {
-      return c10::str("temperature: on ", temperature->device(), " but logits are on ", logits.device());
-    }
-    if (temperature->scalar_type() != torch::kFloat32) {
-      return c10::str("temperature: expected float32, got ", c10::toString(temperature->scalar_type()));
-    }
+    TORCH_CHECK(temperature->is_cuda() && temperature->scalar_type() == torch::kFloat32 &&
+                    temperature->is_contiguous() && temperature->numel() == logits.size(0),
+                "temperature: contiguous float32 (batch,)");
+    temp = temperature->data_ptr<float>();
   }
-  if (out.has_value()) {
-    if (out->scalar_type() != torch::kFloat32 || out->sizes() != logits.sizes()) {
-      return c10::str("out: expected a float32 tensor of shape ", logits.sizes());
-    }
-    if (out->device() != logits.device() || !out->is_contiguous()) {
-      return c10::str("out: must be contiguous and on ", logits.device());
-    }
-  }
-  return {};
-}
-
-// The binding: the op's Python passes a GPU call straight here, so that a batch-1 call costs the
-// host little more than the launch. Checks every argument first and returns the problem as a
-// string (the op raises it as a ValueError: no C++ exception crosses the binding); else writes
-// into `out` when given, or into a new float32 tensor shaped like logits, and returns it.
-std::variant<torch::Tensor, std::string> logit_softmax(const torch::Tensor& logits,
-                                                       const c10::optional<torch::Tensor>& temperature,
-                                                       double temp_scalar, bool log,
-                                                       const c10::optional<torch::Tensor>& out_opt) {
-  if (std::string problem = argument_problem(logits, temperature, out_opt); !problem.empty()) return problem;
-  const torch::Tensor x = logits.contiguous();
-  const torch::Tensor t = temperature.has_value() ? temperature->contiguous() : torch::Tensor();
-  const float* temp = t.defined() ? t.data_ptr<float>() : nullptr;
-  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const float scalar = static_cast<float>(temp_scalar);
-  switch (x.scalar_type()) {
-    case torch::kFloat32: dispatch_vec<float>(x, temp, scalar, log, out); break;
-    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(x, temp, scalar, log, out); break;
-    default: dispatch_vec<__half>(x, temp, scalar, log, out); break;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  switch (logits.scalar_type()) {
+    case torch::kFloat32: dispatch_vec<float>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
+    case torch::kBFloat16: dispatch_vec<__nv_bfloat16>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
+    case torch::kFloat16: dispatch_vec<__half>(logits, temp, static_cast<float>(temp_scalar), log, out); break;
+    default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
   return out;
 }

@@ -10,9 +10,6 @@ def _temperature(temperature, logits: torch.Tensor) -> torch.Tensor | float | No
     """The checked temperature: None, a Python float, or a float32 (batch,) tensor on the logits' device."""
     if temperature is None:
         return None
-    if (type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32
-            and temperature.shape == logits.shape[:1] and temperature.device == logits.device):
-        return temperature  # already what the kernel takes; a GPU tensor's values are not read (no sync)
     if not isinstance(temperature, torch.Tensor):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature: expected a number or a tensor, got {type(temperature).__name__}")
@@ -56,28 +53,27 @@ def logit_softmax(logits: torch.Tensor, temperature=None, *, log: bool = False, 
     """
     on, ranges = flags.values(_FLAGS)
     kernel = kernels.load("logit_softmax") if on and type(logits) is torch.Tensor and logits.is_cuda else None
-    if kernel is None:
-        return _torch_path(logits, temperature, log, out, ranges)
-    # The kernel's call: the binding checks the tensors' shapes, dtypes and devices and returns a
-    # problem as a string, so that a batch-1 call costs the host a few microseconds.
-    if type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32:
-        tensor, scalar = temperature, 1.0
+    if kernel is None or out is not None:
+        return _checked_call(kernel, logits, temperature, log, out, ranges)
+    # The common GPU call, checked with as few Python operations as a batch-1 call affords (the
+    # rest, and every problem's message, is _checked_call's).
+    if logits.dim() != 2 or logits.dtype not in _checks.FLOAT_DTYPES or not logits.numel():
+        _checks.logits_2d("logits", logits)
+    if (type(temperature) is torch.Tensor and temperature.is_cuda and temperature.dtype is torch.float32
+            and temperature.shape == logits.shape[:1] and temperature.device == logits.device):
+        tensor, scalar = temperature, 1.0  # what the kernel takes; a GPU tensor's values are never read (no sync)
     else:
-        t = _temperature(temperature, logits)
-        tensor, scalar = (t, 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
+        tensor, scalar = _kernel_temperature(_temperature(temperature, logits))
     with nvtx.range_if(ranges, "logit_softmax"):
-        result = kernel.logit_softmax(logits, tensor, scalar, log, out)
-    if type(result) is str:
-        raise ValueError(result)
-    return result
+        return kernel.logit_softmax(logits.contiguous(), tensor, scalar, log, None)
 
 
 _FLAGS = ("logit_softmax", "nvtx")  # what a call reads: its step's flag and whether to open an NVTX range
 
 
-def _torch_path(logits, temperature, log: bool, out, ranges: bool) -> torch.Tensor:
-    """:func:`logit_softmax` without its kernel (CPU tensors, the flag off, no compiler): every
-    argument checked here, then :func:`original`."""
+def _checked_call(kernel, logits, temperature, log: bool, out, ranges: bool) -> torch.Tensor:
+    """:func:`logit_softmax` with every argument checked: through ``kernel`` (None: the torch path,
+    :func:`original`)."""
     _checks.logits_2d("logits", logits)
     t = _temperature(temperature, logits)
     if out is not None:
@@ -86,5 +82,12 @@ def _torch_path(logits, temperature, log: bool, out, ranges: bool) -> torch.Tens
         if out.device != logits.device or not out.is_contiguous():
             raise ValueError(f"out: must be contiguous and on {logits.device}")
     with nvtx.range_if(ranges, "logit_softmax"):
-        result = original(logits, t, log)
-        return result if out is None else out.copy_(result)
+        if kernel is None:
+            result = original(logits, t, log)
+            return result if out is None else out.copy_(result)
+        return kernel.logit_softmax(logits.contiguous(), *_kernel_temperature(t), log, out)
+
+
+def _kernel_temperature(t) -> tuple[torch.Tensor | None, float]:
+    """The kernel's (per-row tensor or None, scalar) of a checked temperature."""
+    return (t.contiguous(), 1.0) if isinstance(t, torch.Tensor) else (None, 1.0 if t is None else t)
