@@ -96,7 +96,7 @@ def _one_run(engine, model, prompts, params, device: str) -> dict:
     logits = []
     prefill = _timed(lambda: logits.append(engine.model(dev_prompts, cache)), device)
     generator = torch.Generator(device).manual_seed(0)
-    step_params = engine.step_params(params, *prompts.shape)  # as generate passes them to every step
+    step_params = engine.step_params(params, prompts.shape[0])  # as generate passes them to every step
     sampling = statistics.median(_timed(lambda: engine.sample_step(logits[0], step_params, generator), device)
                                  for _ in range(5))
     ttft = _timed(lambda: engine.generate(prompts, 1, params), device)
@@ -120,9 +120,10 @@ def run(batches, vocab: int | None, reps: int, progress: Callable[[str], None], 
         for batch in batches:
             prompts = torch.randint(1, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
             # a caller's settings (generate, and the sampling step's timing, take them through
-            # engine.step_params, which adds the positions)
+            # engine.step_params); positions a host tensor, as generate sets them each step
             params = sampling.SamplingParams(torch.full((batch,), 0.8, device=device), 50, 0.9,
                                              seed=torch.arange(batch, device=device))
+            params.position = torch.full((batch,), 8, dtype=torch.int64)
             for name, values in configs:
                 with flags.override(**values):
                     engine.generate(prompts, LONG, params)  # warm up: kernels built, graphs captured

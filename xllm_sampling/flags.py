@@ -289,13 +289,14 @@ def values(names: Iterable[str]) -> tuple:
     call: for a tuple of names it walks a plan made once (each flag's definition and its
     environment variables' keys in ``os.environ``'s own dict), with no call per flag."""
     file_values = _file_values()
-    plan = _plans.get(names) if type(names) is tuple else None
+    data = _environ_data()
+    plan = _plans.get(names) if data is not None and type(names) is tuple else None
     if plan is None:
-        if type(names) is not tuple or _environ_data() is None:
+        if data is None or type(names) is not tuple:
             return tuple([_lookup(DEFINITIONS[name], file_values)[0] for name in names])
         plan = _plans[names] = tuple((DEFINITIONS[n], tuple(os.environ.encodekey(v) for v in DEFINITIONS[n].env_vars))
                                      for n in names)
-    data, code, out = os.environ._data, _code_values, []
+    code, out = _code_values, []
     for d, keys in plan:
         name = d.name
         if name in code:
