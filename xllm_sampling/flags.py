@@ -160,6 +160,12 @@ def write_file(path: str | os.PathLike, values: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _environ_data() -> dict | None:
+    """``os.environ``'s own dict of encoded keys and values, where CPython keeps one (else None)."""
+    data = getattr(os.environ, "_data", None)
+    return data if isinstance(data, dict) and hasattr(os.environ, "encodekey") else None
+
+
 def _environ_get(var: str) -> str | None:
     """``os.environ.get(var)`` in a fraction of its cost (a flag is read on every op call): one
     lookup in the mapping's own dict under its encoded key, where CPython keeps one."""
@@ -199,32 +205,41 @@ def _file_values() -> dict[str, Any]:
     return _file_cache[1]
 
 
-def _env_value(d: FlagDef) -> tuple[str, str] | None:
-    for var in d.env_vars:
-        value = _environ_get(var)
-        if value is not None:
-            return var, value
+def _env_value(d: FlagDef, data: dict | None) -> tuple[str, str] | None:
+    """(variable, text) of the first of ``d``'s environment variables that is set, or None: one
+    lookup per variable in ``data`` (:func:`_environ_data`) under its encoded key (made once per
+    flag), or the portable way where ``data`` is None."""
+    if data is None:
+        return next(((var, os.environ[var]) for var in d.env_vars if var in os.environ), None)
+    keys = _env_keys.get(d.name)
+    if keys is None:
+        keys = _env_keys[d.name] = tuple((var, os.environ.encodekey(var)) for var in d.env_vars)
+    for var, key in keys:
+        raw = data.get(key)
+        if raw is not None:
+            return var, os.environ.decodevalue(raw)
     return None
 
 
-_parsed_env: dict[tuple[str, Any], Any] = {}  # (flag, text or values()' raw environment value) -> value: parsed once
+_env_keys: dict[str, tuple] = {}  # flag -> ((variable, its encoded key in os.environ's dict), ...)
+_parsed_env: dict[tuple[str, str], Any] = {}  # (flag, text) -> value: parsed once
 
 
 def lookup(name: str) -> tuple[Any, str]:
     """The value of flag ``name`` and where it came from: ``code``, ``file``, ``env:VAR`` or
     ``default``. Every source is consulted on every call (each cheaply: the code values and the
     environment by one dict lookup, the flags file by one ``stat``), so a change applies to the next call."""
-    return _lookup(definition(name), _file_values())
+    return _lookup(definition(name), _file_values(), _environ_data())
 
 
-def _lookup(d: FlagDef, file_values: dict[str, Any]) -> tuple[Any, str]:
-    """:func:`lookup` of ``d`` with the flags file's values already read."""
+def _lookup(d: FlagDef, file_values: dict[str, Any], environ: dict | None) -> tuple[Any, str]:
+    """:func:`lookup` of ``d`` with the flags file's values and :func:`_environ_data` already read."""
     name = d.name
     if name in _code_values:
         return _code_values[name], "code"
     if name in file_values:
         return file_values[name], "file"
-    env = _env_value(d)
+    env = _env_value(d, environ)
     if env is not None:
         key = (name, env[1])
         if key not in _parsed_env:
@@ -285,45 +300,9 @@ def path_flags() -> tuple[str, ...]:
 
 def values(names: Iterable[str]) -> tuple:
     """The current values of the flags ``names``, read as :func:`get` reads each (a change applies
-    at once), the flags file once for all of them. Every op reads its flags through this on every
-    call: for a tuple of names it walks a plan made once (each flag's definition and its
-    environment variables' keys in ``os.environ``'s own dict), with no call per flag."""
-    file_values = _file_values()
-    data = _environ_data()
-    plan = _plans.get(names) if data is not None and type(names) is tuple else None
-    if plan is None:
-        if data is None or type(names) is not tuple:
-            return tuple([_lookup(DEFINITIONS[name], file_values)[0] for name in names])
-        plan = _plans[names] = tuple((DEFINITIONS[n], tuple(os.environ.encodekey(v) for v in DEFINITIONS[n].env_vars))
-                                     for n in names)
-    code, out = _code_values, []
-    for d, keys in plan:
-        name = d.name
-        if name in code:
-            out.append(code[name])
-        elif name in file_values:
-            out.append(file_values[name])
-        else:
-            for key in keys:
-                raw = data.get(key)
-                if raw is not None:
-                    parsed = _parsed_env.get((name, raw))
-                    if parsed is None:
-                        parsed = _parsed_env[name, raw] = parse(name, os.environ.decodevalue(raw))
-                    out.append(parsed)
-                    break
-            else:
-                out.append(d.default)
-    return tuple(out)
-
-
-_plans: dict[tuple, tuple] = {}  # names -> ((definition, encoded environment keys), ...): values()' plans
-
-
-def _environ_data() -> dict | None:
-    """``os.environ``'s own dict of encoded keys and values, where CPython keeps one (else None)."""
-    data = getattr(os.environ, "_data", None)
-    return data if isinstance(data, dict) and hasattr(os.environ, "encodekey") else None
+    at once), the flags file once for all of them."""
+    file_values, environ = _file_values(), _environ_data()
+    return tuple([_lookup(DEFINITIONS[name], file_values, environ)[0] for name in names])  # a list: cheaper than a generator
 
 
 def path_state() -> tuple:
