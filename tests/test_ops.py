@@ -260,6 +260,33 @@ def test_graph_outputs_not_copied_are_the_graphs_buffers_rewritten_by_the_next_c
     assert runner.replays == 3 and len({o.data_ptr() for o in outputs}) == 1
 
 
+def _private_pool_segments() -> dict[int, int]:
+    """Address -> size of every segment the CUDA caching allocator holds in a private pool (a graph's)."""
+    return {s["address"]: s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0)}
+
+
+@pytest.mark.cuda
+def test_a_runners_graphs_share_one_memory_pool():
+    """The buckets' graphs of one runner are captured into one private pool: captured after the
+    largest bucket's graph, the smaller ones reuse the blocks its temporaries freed."""
+    mib, row = 1 << 20, 1 << 20  # float32: 4 MiB a row
+
+    def step(x):
+        return (x * 2).exp().sum(-1)  # two live temporaries of 4 MiB a row, an output of 4 bytes a row
+
+    runner = GraphRunner(step, buckets=(1, 2, 4))
+    before = _private_pool_segments()
+    for batch in (4, 2, 1):
+        x = torch.ones(batch, row, device="cuda")
+        assert torch.equal(runner(x), step(x))
+    assert runner.captures == 3
+    new = sum(size for address, size in _private_pool_segments().items() if address not in before)
+    # Shared: bucket 4's two 16 MiB temporaries, split for the smaller buckets', and the outputs'
+    # small blocks (2 MiB segments, one each at most). A graph of its own pool would add two
+    # segments of at least 8 MiB for bucket 2 (20 MiB ones: the allocator's size for 1-10 MiB).
+    assert new <= 2 * 16 * mib + 3 * 2 * mib, new / mib
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("static", [False, True])
 def test_a_flag_toggled_between_replays_takes_effect_at_the_next_call(static):

@@ -10,6 +10,11 @@ token is lost). Graphs are keyed by the step flags' values as well (``flags.path
 flag toggled while graphs exist takes effect at the next call, through a graph captured for it.
 Capture is logged at INFO, replay at DEBUG, by the logger ``xllm_sampling.cuda_graph``.
 
+Memory: all the graphs of one runner (every bucket and flags state) are captured into one
+private memory pool per device (``GraphPools``), so a graph's temporaries reuse the blocks its
+runner's earlier graphs freed instead of each graph holding its own; a graph's outputs are
+only valid until the runner's next call, whichever bucket that call replays.
+
 Counters: each runner counts its captures, replays and eager calls; :func:`graph_counters` adds them up
 by runner name for the whole process. A process whose flags come from a target's flags file
 (``XLLM_SAMPLING_FLAGS_FILE``, e.g. the target's ``.git/xllm_port/flags.toml``) also publishes them beside that file,
@@ -91,6 +96,25 @@ class _Captured:
         self.graph, self.inputs, self.output = graph, inputs, output
 
 
+class GraphPools:
+    """One private CUDA-graph memory pool per device, shared by the captures of one runner.
+
+    Graphs sharing a pool must not run concurrently, and an output of one may be overwritten by
+    the replay of another (its blocks may be the other's temporaries): true of one runner's
+    graphs, replayed one at a time on the caller's stream, each output read before the next call.
+    """
+
+    def __init__(self):
+        self._handles: dict[torch.device, tuple] = {}
+
+    def capture(self, graph: torch.cuda.CUDAGraph):
+        """``torch.cuda.graph(graph)`` on the current device's pool (made on first use)."""
+        device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._handles:
+            self._handles[device] = torch.cuda.graph_pool_handle()
+        return torch.cuda.graph(graph, pool=self._handles[device])
+
+
 def _map_output(output, fn):
     if isinstance(output, torch.Tensor):
         return fn(output)
@@ -129,12 +153,14 @@ class StaticStep:
     made), the second captures it and replays the graph, later calls replay it. The output is the
     graph's own buffer, rewritten by the next call: read or copy it before then. Eager on CPU
     (``cuda`` False), with the ``cuda_graph`` flag off, and after a capture failure (one warning,
-    the call run eagerly). Counted like a GraphRunner (``graph_counters``).
+    the call run eagerly). Counted like a GraphRunner (``graph_counters``); its graphs share one
+    memory pool (``GraphPools``).
     """
 
     def __init__(self, fn: Callable, cuda: bool, name: str = "step"):
         self.fn, self.cuda, self.name = fn, cuda, name
         self._graphs: dict[tuple, _Captured | None] = {}
+        self._pools = GraphPools()
         self._warm: set[tuple] = set()
         self.captures = self.replays = self.eager_calls = 0
         _runners.add(self)
@@ -167,7 +193,7 @@ class StaticStep:
             start = time.perf_counter()
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with self._pools.capture(graph):
                     output = self.fn()
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
                 _capture_failed(self.name, e)
@@ -183,8 +209,9 @@ class GraphRunner:
     ``fn`` must be a pure function of its tensor arguments (any other setting baked in by a
     closure) and return a tensor or a tuple / NamedTuple of tensors whose first dim is the batch.
     Outputs are returned as fresh tensors, or with ``copy_outputs`` False as the graph's own
-    buffers (views of the first ``batch`` rows), rewritten by the bucket's next call: read or copy
-    them before then (a copy per output costs more host time than the replay itself at batch 1).
+    buffers (views of the first ``batch`` rows), rewritten by the runner's next call, whichever its
+    bucket (all the runner's graphs share one memory pool, ``GraphPools``): read or copy them
+    before then (a copy per output costs more host time than the replay itself at batch 1).
 
     A call copies each input into its bucket's static input unless it is that static input
     already: :meth:`static_inputs` hands out those buffers, so that a caller who keeps passing them
@@ -200,6 +227,7 @@ class GraphRunner:
         self.copy_outputs = copy_outputs
         self._static: dict[tuple, list[torch.Tensor]] = {}  # (bucket, input signature) -> static inputs
         self._graphs: dict[tuple, _Captured | None] = {}  # (bucket, signature, flags state) -> graph
+        self._pools = GraphPools()
         self.captures = self.replays = self.eager_calls = 0
         _runners.add(self)
 
@@ -301,7 +329,7 @@ class GraphRunner:
                         self.fn(*static)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with self._pools.capture(graph):
                     output = self.fn(*static)
                     for i in self.advance:
                         static[i].add_(1)
