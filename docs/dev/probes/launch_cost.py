@@ -47,7 +47,7 @@ for blocks in (16, 2 * sms):
     rows += [(f"plain launch {blocks} blocks", lambda b=blocks: ext.plain(b)),
              (f"cooperative launch {blocks} blocks", lambda b=blocks: ext.coop(b)),
              (f"programmatic launch {blocks} blocks", lambda b=blocks: ext.programmatic(b))]
-rows += [("cluster of 16, 16 blocks", lambda: ext.cluster(16, 16)), ("cluster of 8, 16 blocks", lambda: ext.cluster(16, 8)),
+rows += [("cluster of 8, 16 blocks", lambda: ext.cluster(16, 8)), ("cluster of 4, 16 blocks", lambda: ext.cluster(16, 4)),
          ("torch zero_ (1 element)", lambda: x[0, :1].zero_())]
 print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; host us per call (min, median of 7 rounds of 400)")
 for name, f in rows:
