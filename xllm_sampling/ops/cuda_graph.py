@@ -88,7 +88,7 @@ atexit.register(publish, True)
 log = logging.getLogger("xllm_sampling.cuda_graph")  # the name the docs give users
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _GRAPH_FLAGS = ("cuda_graph", "cuda_graph_max_batch")  # whether a GraphRunner uses graphs, up to which batch
-_FLAGS_READ = _GRAPH_FLAGS + flags.path_flags()  # a GraphRunner call's flags
+_FLAGS_READ = _GRAPH_FLAGS + ("nvtx",) + flags.path_flags()  # a GraphRunner call's flags, read once
 
 
 class _Captured:
@@ -261,7 +261,7 @@ class GraphRunner:
         bucket = next((b for b in self.buckets if b >= batch), None)
         if bucket is None or bucket > limit:
             return None
-        return (bucket, first.device) + tuple((t.shape[1:], t.dtype) for t in inputs)
+        return (bucket, first.device, *[(t.shape[1:], t.dtype) for t in inputs])
 
     def _static_for(self, signature: tuple, inputs) -> list[torch.Tensor]:
         """The static inputs of ``signature`` (on its device), made on first use from ``inputs``
@@ -286,7 +286,7 @@ class GraphRunner:
         return out
 
     def _run(self, *inputs: torch.Tensor):
-        graphs_on, limit, *path_state = flags.values(_FLAGS_READ)  # the flags file read once
+        graphs_on, limit, ranges, *path_state = flags.values(_FLAGS_READ)
         signature = self._signature(inputs, graphs_on, limit)
         if signature is None:
             return self._eager(inputs)
@@ -300,7 +300,7 @@ class GraphRunner:
         if captured is None:
             return self._eager(inputs)
         batch = inputs[0].shape[0]
-        with nvtx.range("cuda_graph/replay"):
+        with nvtx.range_if(ranges, "cuda_graph/replay"):
             copied = []
             for i, (s, t) in enumerate(zip(captured.inputs, inputs)):
                 if t.data_ptr() != s.data_ptr() or t.stride() != s.stride():
