@@ -199,7 +199,7 @@ def _bench(args, progress) -> dict:
         return _plotted(bench_spec.plot, report, args.plot, progress)
     if args.host:
         vocab = (args.vocab or [151936 if gpu else 32000])[0]
-        return bench.host(args.ops, args.batch or [1], vocab, 5, progress)
+        return bench.host(args.ops, args.batch or [1], vocab, bench.HOST_ROUNDS, progress)
     if args.decode or args.beam or args.speculative:
         from .. import bench_decode
 
