@@ -117,19 +117,21 @@ def _param(name: str, value, logits: torch.Tensor):
 
 def _params(logits, temperature=None, top_k=None, top_p=None, min_p=None, seed=None, position=None,
             generated=None, frequency_penalty=None, presence_penalty=None, repetition_penalty=None) -> _Params:
-    p = {name: _param(name, value, logits) for name, value in (
-        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed),
-        ("position", position), ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty),
-        ("repetition_penalty", repetition_penalty))}
-    penalties = None
-    if generated is not None:
-        if not isinstance(generated, torch.Tensor) or generated.dim() != 2 or generated.shape[0] != logits.shape[0]:
-            raise ValueError(f"generated: expected a (batch, L) integer tensor, batch {logits.shape[0]}")
-        if generated.dtype.is_floating_point or generated.dtype == torch.bool:
-            raise ValueError(f"generated: dtype {generated.dtype} where an integer tensor is expected")
-        penalties = Penalties(generated.to(logits.device, torch.int64, non_blocking=True).contiguous(),
-                              p["frequency_penalty"], p["presence_penalty"], p["repetition_penalty"])
-    return _Params(p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"], p["position"], penalties)
+    # one call per parameter, in this order (no loop: this is a batch-1 call's largest host cost)
+    params = _Params(_param("temperature", temperature, logits), _param("top_k", top_k, logits),
+                     _param("top_p", top_p, logits), _param("min_p", min_p, logits), _param("seed", seed, logits),
+                     _param("position", position, logits), None)
+    frequency, presence, repetition = (_param("frequency_penalty", frequency_penalty, logits),
+                                       _param("presence_penalty", presence_penalty, logits),
+                                       _param("repetition_penalty", repetition_penalty, logits))
+    if generated is None:
+        return params
+    if not isinstance(generated, torch.Tensor) or generated.dim() != 2 or generated.shape[0] != logits.shape[0]:
+        raise ValueError(f"generated: expected a (batch, L) integer tensor, batch {logits.shape[0]}")
+    if generated.dtype.is_floating_point or generated.dtype == torch.bool:
+        raise ValueError(f"generated: dtype {generated.dtype} where an integer tensor is expected")
+    tokens = generated.to(logits.device, torch.int64, non_blocking=True).contiguous()
+    return params._replace(penalties=Penalties(tokens, frequency, presence, repetition))
 
 
 def _rows(value, batch: int, device, dtype) -> torch.Tensor:
