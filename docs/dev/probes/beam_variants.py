@@ -25,6 +25,11 @@ VARIANTS = {  # name: [(file under csrc, old text, new text)]
     "no_exp": [("slice_top_keys.cuh", "part[g] += fast_exp2(", "part[g] += (")],
     "clocks": None,  # see clocks()
     "no_append": [("slice_top_keys.cuh", "  if (!__any_sync(kFull, any)) return;", "  if (!__any_sync(kFull, any) || m != 12345.f) return;")],
+    # fewer slices per row at small batches, so that a request's update ranks at most 512 / 1024 keys
+    "keys512": [("beam_search/beam_search.cu", "const int64_t by_merge = bs::kCapacity / (beams * candidates);",
+                 "const int64_t by_merge = 512 / (beams * candidates);")],
+    "keys1024": [("beam_search/beam_search.cu", "const int64_t by_merge = bs::kCapacity / (beams * candidates);",
+                  "const int64_t by_merge = 1024 / (beams * candidates);")],
 }
 
 
@@ -112,7 +117,8 @@ def main(names):
     print("#", torch.cuda.get_device_name(), "torch", torch.__version__, "us, median of 40, L2 flushed")
     print(f"{'B':>3s} {'W':>2s} {'V':>7s} {'dtype':>8s} {'amax':>7s} " + " ".join(f"{n:>10s}" for n in names))
     shapes = ((64, 4, 151936, torch.float32), (64, 4, 151936, torch.bfloat16), (64, 4, 32000, torch.float32),
-                           (1, 4, 151936, torch.float32), (64, 8, 151936, torch.float32), (16, 4, 151936, torch.float32))
+                           (1, 4, 151936, torch.float32), (64, 8, 151936, torch.float32), (16, 4, 151936, torch.float32),
+              (4, 4, 32000, torch.float32), (4, 4, 151936, torch.float32), (1, 8, 151936, torch.float32))
     for b, w, v, dtype in shapes[:int(os.environ.get("BEAM_PROBE_SHAPES", len(shapes)))]:
         g = torch.Generator("cuda").manual_seed(b * w + v)
         x = (torch.randn(b * w, v, device="cuda", generator=g) * 3).to(dtype)
