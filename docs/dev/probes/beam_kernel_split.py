@@ -1,16 +1,13 @@
 """Where a beam step's device time goes: each kernel's mean device time (torch profiler, 20 steps,
-the L2 flushed before each) beside the step's median from CUDA events, fp32, 4 beams, for the
-gate's and the bench's shapes. A fresh state is made (outside the timed steps) every 200 steps.
+the L2 flushed before each; fills left out) beside the step's median from CUDA events, fp32, 4
+beams, for the gate's and the bench's shapes. A fresh state is made (outside the timed steps) every 200 steps.
 Run on the device from the repository root (PYTHONPATH=.)."""
-import statistics
-
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+import kernel_split
 import xllm_sampling as xs
 from xllm_sampling import flags
 
-flush = torch.empty(512 * 2 ** 20, dtype=torch.uint8, device="cuda")
 print("#", torch.cuda.get_device_name(), "torch", torch.__version__, "fp32, 4 beams; us")
 for requests, vocab in ((4, 32000), (4, 151936), (1, 151936), (64, 32000), (64, 151936)):
     logits = torch.randn(requests * 4, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(vocab)) * 3
@@ -25,22 +22,6 @@ for requests, vocab in ((4, 32000), (4, 151936), (1, 151936), (64, 32000), (64, 
 
     for on in (True, False):
         with flags.override(beam_search=on):
-            step(), torch.cuda.synchronize()
-            times = []
-            for _ in range(20):
-                flush.zero_()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(), step(), e.record(), e.synchronize()
-                times.append(s.elapsed_time(e) * 1e3)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    flush.zero_()
-                    step()
-                torch.cuda.synchronize()
-        kernels = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA and "zero" not in ev.name:
-                kernels.setdefault(ev.name.split("<")[0].split("(")[0][-32:], []).append(ev.device_time)
-        split = ", ".join(f"{k} {sum(v) / 20:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:8])
-        print(f"{requests:3d} x 4 V={vocab:6d} flag {'on ' if on else 'off'} step {statistics.median(times):7.1f} | "
-              f"{len(kernels)} kernels: {split}", flush=True)
+            median, kernels = kernel_split.split(step)
+        print(f"{requests:3d} x 4 V={vocab:6d} flag {'on ' if on else 'off'} step {median:7.1f} | "
+              f"{len(kernels)} kernels: {kernel_split.text(kernels)}", flush=True)
