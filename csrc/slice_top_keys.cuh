@@ -5,8 +5,10 @@
 // (bulk copies into shared-memory stages where the row allows). Each lane keeps an online
 // softmax partial (max m, sum of 2^((x - m) scale)); each warp keeps the keys (rank_key.cuh:
 // value, then lower index) above a rising floor in its own buffer, so that once the floor has
-// risen most tiles cost one comparison of their max; at the end the block ranks the warps' keys
-// into the slice's c best. select_top and its helpers rank a few thousand keys in shared memory
+// risen most tiles cost one comparison of their max. The warps share their floors: a warp's floor
+// has c of its keys above it, so it bounds the block's c best too, and each warp takes the
+// highest one published (one shared load a tile), which rises about as fast as one warp's floor
+// over the whole slice would. At the end the block ranks the warps' keys into the slice's c best. select_top and its helpers rank a few thousand keys in shared memory
 // (the merge of several slices' keys); merge_sorted_top merges the slices' sorted lists.
 #pragma once
 
@@ -323,9 +325,10 @@ struct WarpBuffer {
 };
 
 // Shrink a warp's buffer of b.n keys (b.n > 2c) to fewer keys that still hold its c best; raise its
-// floor and mark. c < 32: keep the keys at or above the c-th largest of the lanes' bests (cheap, at
+// floor (never lowered: it may be the block's, adopted) and mark, and raise the block's floor
+// `shared` to it. c < 32: keep the keys at or above the c-th largest of the lanes' bests (cheap, at
 // least c keys); when that leaves too many, or c >= 32, keep exactly the c largest.
-__device__ inline __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b, int c) {
+__device__ inline __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b, int c, unsigned long long* shared) {
   int& n = b.n;
   constexpr int kPer = kWarpKeys / 32;
   const int lane = threadIdx.x % 32;
@@ -351,8 +354,11 @@ __device__ inline __noinline__ WarpBuffer compact(uint64_t* buffer, WarpBuffer b
 #pragma unroll
   for (int j = 0; j < kPer; ++j) warp_append(buffer, n, mine[j] >= keep, mine[j]);
   __syncwarp();
-  b.floor_key = keep - 1;  // keep is itself a kept key; every later key above it is taken
-  b.floor_value = rank_value(keep);
+  if (keep - 1 > b.floor_key) {  // keep is itself a kept key; every later key above it is taken
+    b.floor_key = keep - 1;
+    b.floor_value = rank_value(keep);
+    if (lane == 0) atomicMax(shared, b.floor_key);
+  }
   // c >= 32 (warp_kth_largest): compacted only when full, which beat compacting at n + c + 16
   // keys (H200, B = 64 / 256, V = 151936, top-k 50: bf16 74.7 -> 69.8 and 103.8 -> 95.6 us;
   // float32 within 3 us either way); c < 32 (the beam step's 2W): early, raising the floor sooner.
@@ -381,7 +387,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 0) are within 2^-22 whatever m. A tile's G x VEC terms are summed per group in float32 first.
 template <bool FULL, typename T, int VEC, int G, typename Acc>
 __device__ __forceinline__ void scan_tile(const Vec<T, VEC> (&v)[G], int len, int64_t first, float scale, float& m,
-                                          Acc& s, WarpBuffer& b, uint64_t* buffer, int c) {
+                                          Acc& s, WarpBuffer& b, uint64_t* buffer, int c, unsigned long long* shared) {
   const int lane = threadIdx.x % 32;
   float x[G][VEC], group_max[G];
   float tile_max = -kInf;
@@ -449,7 +455,7 @@ __device__ __forceinline__ void scan_tile(const Vec<T, VEC> (&v)[G], int len, in
     for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) value = i == g * VEC + j ? x[g][j] : value;  // no local-memory indexing
-    if (b.n > b.mark) b = compact(buffer, b, c);
+    if (b.n > b.mark) b = compact(buffer, b, c, shared);
     value += 0.f;  // -0 ranks as +0
     const uint64_t key = rank_key(value == value ? value : -kInf, first + (i / VEC * 32 + lane) * VEC + i % VEC);
     warp_append(buffer, b.n, i >= 0 && key > b.floor_key, key);
@@ -479,6 +485,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
   __shared__ Select sel;
   __shared__ int count;
   __shared__ Partial<Acc> warp_partial[kWarps];
+  __shared__ unsigned long long block_floor;  // the highest of the warps' floors: a floor of the block's c best too
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tiles = (end - begin + kTileElems - 1) / kTileElems;
   // The warp's tiles warp, warp + kWarps, ... of the slice, through its ring of stages (bulk
@@ -491,7 +498,11 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
     *src = x + first;
     *elems = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
   };
-  if (threadIdx.x == 0) count = 0;
+  if (threadIdx.x == 0) {
+    count = 0;
+    block_floor = 0;
+  }
+  __syncthreads();
   if constexpr (BULK) ring.start(lane, own, source);
   float m = -kInf;
   Acc s = 0;
@@ -525,6 +536,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
       }
       b.floor_key = warp_pick(best, c);
       b.floor_value = b.floor_key ? rank_value(b.floor_key) : -kInf;
+      if (lane == 0) atomicMax(&block_floor, b.floor_key);
     } else if (k == 0) {  // c >= 32: the r-th largest of the lanes' j-th bests, j = ceil(c / 32), r = ceil(c / j):
       // r lanes hold j keys at or above it, so c keys are (the first tile appends a few times c, not all)
       const int jth = (c + 31) / 32, r = (c + jth - 1) / jth;
@@ -548,18 +560,25 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
       const uint64_t at = warp_pick(own, r - 1);
       b.floor_key = at ? at - 1 : 0;  // `at` itself is taken
       b.floor_value = at ? rank_value(at) : -kInf;
+      if (lane == 0) atomicMax(&block_floor, b.floor_key);
+    } else {  // another warp's floor, when higher: c of the block's keys are above it, so its c best are
+      const uint64_t shared = *static_cast<volatile unsigned long long*>(&block_floor);
+      if (shared > b.floor_key) {
+        b.floor_key = shared;
+        b.floor_value = rank_value(shared);
+      }
     }
     if (len == kTileElems) {
-      scan_tile<true>(v, len, first, scale, m, s, b, buffer, c);
+      scan_tile<true>(v, len, first, scale, m, s, b, buffer, c, &block_floor);
     } else {
-      scan_tile<false>(v, len, first, scale, m, s, b, buffer, c);
+      scan_tile<false>(v, len, first, scale, m, s, b, buffer, c, &block_floor);
     }
   }
   // the slice's softmax partial
   warp_combine(m, s, scale);
   if (lane == 0) warp_partial[warp] = {m, s};
   // the warps' keys (each warp's cut by the lanes' bests first, when c < 32) into one list, then its c best
-  if (c < 32 && b.n > 2 * c) b = compact(buffer, b, c);
+  if (c < 32 && b.n > 2 * c) b = compact(buffer, b, c, &block_floor);
   constexpr int kPer = kWarpKeys / 32;
   uint64_t mine[kPer];
 #pragma unroll

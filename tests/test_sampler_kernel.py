@@ -206,6 +206,35 @@ def test_short_top_k_rows_draw_the_same_token_in_either_kernel(k, vocab, dtype):
         assert logprobs_agree(listed.logprobs, cached.logprobs, TOP_K_LOGPROB_ABS), kw
 
 
+@pytest.mark.parametrize("k", [50, 128])
+@pytest.mark.parametrize("layout", ["ascending", "descending", "one slice"])
+def test_top_k_kernels_merge_rows_whose_best_keys_crowd_one_slice(layout, k):
+    """The draw kernel's merge (slice::merge_sorted_top) ranks the keys above a floor taken from
+    the slices' first keys; when the row's best keys crowd into one slice, that floor leaves more
+    keys than it ranks by counting (a ramp at k = 50: 16 slices a row on a 132-SM card, ~600 keys
+    above the floor) and the merge takes its binary searches instead. Either way the top-k
+    kernels draw the caching kernel's tokens: ramps put the k best in the last or the first slice,
+    "one slice" in a random 4096-token window of each row."""
+    vocab = 262144
+    batch = -(-TOP_K_MIN_ELEMENTS * ((k + 63) // 64) // vocab)
+    g = torch.Generator("cuda").manual_seed(7)
+    logits = torch.randn(batch, vocab, device="cuda", generator=g)
+    if layout == "one slice":
+        starts = torch.randint(0, vocab - 4096, (batch,), device="cuda", generator=g)
+        window = starts[:, None] + torch.arange(4096, device="cuda")
+        logits.scatter_(1, window, logits.gather(1, window) + 6.0)
+    else:
+        ramp = torch.linspace(-4.0, 4.0, vocab, device="cuda")
+        logits = (ramp if layout == "ascending" else ramp.flip(0)).expand(batch, vocab) + logits * 1e-3
+    kw = dict(temperature=0.9, top_p=0.95, seed=torch.arange(batch, device="cuda") * 5 + 2,
+              position=torch.arange(batch, device="cuda") + 3)
+    assert takes_top_k_kernels(dict(top_k=k), batch, vocab)
+    listed = xs.sample(logits, top_k=k, **kw)
+    cached = xs.sample(logits, top_k=torch.full((batch,), k, dtype=torch.int64, device="cuda"), **kw)
+    assert torch.equal(listed.tokens, cached.tokens)
+    assert logprobs_agree(listed.logprobs, cached.logprobs, TOP_K_LOGPROB_ABS)
+
+
 def launched_kernels(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
