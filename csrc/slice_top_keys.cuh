@@ -2,14 +2,15 @@
 // code shared by the beam-search step and the top-k sampler).
 //
 // slice_top_keys: a block of kThreads threads streams x[begin, end) once, tile by tile per warp
-// (bulk copies into shared-memory stages where the row allows). Each lane keeps an online
-// softmax partial (max m, sum of 2^((x - m) scale)); each warp keeps the keys (rank_key.cuh:
-// value, then lower index) above a rising floor in its own buffer, so that once the floor has
-// risen most tiles cost one comparison of their max. The warps share their floors: a warp's floor
-// has c of its keys above it, so it bounds the block's c best too, and each warp takes the
-// highest one published (one shared load a tile), which rises about as fast as one warp's floor
-// over the whole slice would. At the end the block ranks the warps' keys into the slice's c best. select_top and its helpers rank a few thousand keys in shared memory
-// (the merge of several slices' keys); merge_sorted_top merges the slices' sorted lists.
+// (where the row allows: 16-bit logits by bulk copies into shared-memory stages, float32 in
+// registers a few tiles ahead). Each lane keeps an online softmax partial (max m, sum of
+// 2^((x - m) scale)); each warp keeps the keys (rank_key.cuh: value, then lower index) above a
+// rising floor in its own buffer, so that once the floor has risen most tiles cost one comparison
+// of their max. The warps share their floors: a warp's floor has c of its keys above it, so it
+// bounds the block's c best too, and each warp takes the highest one published (one shared load
+// a tile). At the end the block ranks the warps' keys into the slice's c best. select_top and its
+// helpers rank a few thousand keys in shared memory (the merge of several slices' keys);
+// merge_sorted_top merges the slices' sorted lists.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -474,22 +475,27 @@ struct Partial {
 // than c elements) and, returned in thread 0, the slice's Partial with sums in Acc. Needs
 // kStreamBytes of dynamic shared memory; every thread of the block calls it. BULK: x + begin
 // 16-byte aligned and the slice a whole number of 16-byte vectors, streamed by bulk copies through
-// kStages stages per warp; otherwise the lanes copy element by element. kUnrolled: select_top's.
+// kStages stages per warp for 16-bit T, for float32 by vector loads into registers kAhead tiles
+// ahead (H200, fp32, against bulk copies: beam step 64 x 4 x 151936 66.3 -> 63.6 us, top-k 50 +
+// top-p sampling B=256 V=151936 98.8 -> 93.3; bf16 slower: 57.6 -> 67.8, 93.5 -> 110.0);
+// otherwise the lanes copy element by element. kUnrolled: select_top's.
 template <typename T, bool BULK, typename Acc, bool kUnrolled>
 __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, int64_t end, int c, float scale,
                                        uint64_t* out) {
   constexpr int VEC = 16 / sizeof(T), kTileElems = kStageBytes / sizeof(T), kGroups = kTileElems / (32 * VEC);
   extern __shared__ __align__(16) unsigned char stream_memory[];
   __shared__ uint64_t keys[kWarps * kWarpKeys];
-  __shared__ uint64_t arrived[BULK ? kWarps * kStages : 1];  // the bulk path's barriers
+  constexpr bool kBulk = BULK && sizeof(T) < 4, kRegisters = BULK && !kBulk;
+  constexpr int kAhead = 2;  // the register path's tiles in flight per warp beyond the one taken (3: slower)
+  __shared__ uint64_t arrived[kBulk ? kWarps * kStages : 1];  // the bulk path's barriers
   __shared__ Select sel;
   __shared__ int count;
   __shared__ Partial<Acc> warp_partial[kWarps];
   __shared__ unsigned long long block_floor;  // the highest of the warps' floors: a floor of the block's c best too
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tiles = (end - begin + kTileElems - 1) / kTileElems;
-  // The warp's tiles warp, warp + kWarps, ... of the slice, through its ring of stages (bulk
-  // copies; without them the lanes copy each tile into its stage).
+  // The warp's tiles warp, warp + kWarps, ... of the slice: in registers kAhead tiles ahead, or
+  // through its ring of stages (bulk copies, or the lanes copying each tile into its stage).
   const WarpRing<T, kStages, kTileElems> ring{reinterpret_cast<T*>(stream_memory) + warp * kStages * kTileElems,
                                               arrived + warp * kStages};
   const int64_t own = warp < tiles ? (tiles - warp + kWarps - 1) / kWarps : 0;
@@ -503,7 +509,22 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
     block_floor = 0;
   }
   __syncthreads();
-  if constexpr (BULK) ring.start(lane, own, source);
+  Vec<T, VEC> ahead[kRegisters ? kAhead : 1][kGroups];  // the register path's next tiles
+  auto fetch = [&](Vec<T, VEC>(&into)[kGroups], int64_t tile) {
+    const int64_t first = begin + tile * kTileElems;
+    const int len = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      if ((g * 32 + lane) * VEC < len) into[g] = load<T, VEC>(x + first + (g * 32 + lane) * VEC);
+    }
+  };
+  if constexpr (kBulk) ring.start(lane, own, source);
+  if constexpr (kRegisters) {
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      if (warp + a * kWarps < tiles) fetch(ahead[a], warp + a * kWarps);
+    }
+  }
   float m = -kInf;
   Acc s = 0;
   WarpBuffer b{0, min(kWarpKeys - 32, 2 * c + 16), 0, -kInf};
@@ -512,17 +533,26 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
     T* data = ring.stage(k);
     const int64_t first = begin + tile * kTileElems;
     const int len = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
-    if constexpr (BULK) {
-      ring.wait(k);
-    } else {
-      __syncwarp();
-      for (int i = lane; i < len; i += 32) data[i] = x[first + i];
-      __syncwarp();
-    }
-    Vec<T, VEC> v[kGroups];
+    Vec<T, VEC> v[kGroups];  // elements past len are not read (scan_tile masks them)
+    if constexpr (kRegisters) {
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) v[g] = *reinterpret_cast<const Vec<T, VEC>*>(data + (g * 32 + lane) * VEC);
-    if constexpr (BULK) ring.refill(lane, k, own, source);  // the stage is read: refill it with the tile kStages ahead
+      for (int a = 0; a < kAhead; ++a) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) (a == 0 ? v[g] : ahead[a - 1][g]) = ahead[a][g];
+      }
+      if (tile + kAhead * kWarps < tiles) fetch(ahead[kAhead - 1], tile + kAhead * kWarps);
+    } else {
+      if constexpr (kBulk) {
+        ring.wait(k);
+      } else {
+        __syncwarp();
+        for (int i = lane; i < len; i += 32) data[i] = x[first + i];
+        __syncwarp();
+      }
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) v[g] = *reinterpret_cast<const Vec<T, VEC>*>(data + (g * 32 + lane) * VEC);
+      if constexpr (kBulk) ring.refill(lane, k, own, source);  // the stage is read: refill it with the tile kStages ahead
+    }
     if (k == 0 && c < 32) {  // the first tile seeds the floor: the (c + 1)-th of the lanes' bests
       uint64_t best = 0;
 #pragma unroll

@@ -30,23 +30,23 @@ void check(const torch::Tensor& t, c10::ScalarType type, int64_t numel, const ch
 
 template <typename T, bool BULK>
 void launch_candidates(const torch::Tensor& logits, int64_t chunk, int64_t slices, int candidates, bs::Workspace ws,
-                       const int64_t* steps) {
+                       const int64_t* steps, const bs::Lengths& lengths) {
   constexpr auto kernel = bs::candidates_kernel<T, BULK>;
   xllm::configure_once<kernel>(logits.get_device(), bs::kStreamBytes);
   const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(logits.size(0)));
   kernel<<<grid, bs::kThreads, bs::kStreamBytes, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(logits.data_ptr()), logits.size(1), chunk, candidates, ws, steps);
+      reinterpret_cast<const T*>(logits.data_ptr()), logits.size(1), chunk, candidates, ws, steps, lengths);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Rows of 16-byte vectors at 16-byte aligned addresses stream through bulk copies.
+// Rows of 16-byte vectors at 16-byte aligned addresses stream by vectors (slice_top_keys.cuh).
 template <typename T>
 void launch_candidates(const torch::Tensor& logits, int64_t chunk, int64_t slices, bool bulk, int candidates,
-                       bs::Workspace ws, const int64_t* steps) {
+                       bs::Workspace ws, const int64_t* steps, const bs::Lengths& lengths) {
   if (bulk) {
-    launch_candidates<T, true>(logits, chunk, slices, candidates, ws, steps);
+    launch_candidates<T, true>(logits, chunk, slices, candidates, ws, steps, lengths);
   } else {
-    launch_candidates<T, false>(logits, chunk, slices, candidates, ws, steps);
+    launch_candidates<T, false>(logits, chunk, slices, candidates, ws, steps, lengths);
   }
 }
 
@@ -86,24 +86,24 @@ void beam_step(torch::Tensor logits, torch::Tensor eos, torch::Tensor steps, tor
   const int64_t slices = (vocab + chunk - 1) / chunk;
   auto options = logits.options().dtype(torch::kInt64);
   auto keys = torch::empty({rows * slices * candidates}, options);
-  auto partial = torch::empty({rows * slices * 2}, options.dtype(torch::kFloat32));
+  auto partial = torch::empty({rows * slices * 2 + 2}, options.dtype(torch::kFloat32));  // the partials, then the divisors
   auto step = torch::empty({1}, options);
   bs::Workspace ws{reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()), reinterpret_cast<float2*>(partial.data_ptr<float>()),
-                   step.data_ptr<int64_t>()};
+                   step.data_ptr<int64_t>(), partial.data_ptr<float>() + rows * slices * 2};
   const int c = static_cast<int>(candidates);
   const int64_t* steps_in = steps.data_ptr<int64_t>();
+  const bs::Lengths lengths{prompt_len, max_length, length_penalty, static_cast<int>(early_stopping)};
   switch (logits.scalar_type()) {
-    case torch::kFloat32: launch_candidates<float>(logits, chunk, slices, bulk, c, ws, steps_in); break;
-    case torch::kBFloat16: launch_candidates<__nv_bfloat16>(logits, chunk, slices, bulk, c, ws, steps_in); break;
-    case torch::kFloat16: launch_candidates<__half>(logits, chunk, slices, bulk, c, ws, steps_in); break;
+    case torch::kFloat32: launch_candidates<float>(logits, chunk, slices, bulk, c, ws, steps_in, lengths); break;
+    case torch::kBFloat16: launch_candidates<__nv_bfloat16>(logits, chunk, slices, bulk, c, ws, steps_in, lengths); break;
+    case torch::kFloat16: launch_candidates<__half>(logits, chunk, slices, bulk, c, ws, steps_in, lengths); break;
     default: TORCH_CHECK(false, "logits: float32, bfloat16 or float16");
   }
   bs::State st{eos.data_ptr<int64_t>(), static_cast<int>(eos.numel()), steps.data_ptr<int64_t>(),
                running_scores.data_ptr<float>(), history_tokens.data_ptr<int64_t>(), history_parents.data_ptr<int64_t>(),
                pool_scores.data_ptr<float>(), pool_finished.data_ptr<bool>(), pool_step.data_ptr<int64_t>(),
                pool_parent.data_ptr<int64_t>(), pool_token.data_ptr<int64_t>(), improvable.data_ptr<bool>(),
-               all_hit.data_ptr<bool>(), static_cast<int>(beams), c, prompt_len, max_length,
-               length_penalty, static_cast<int>(early_stopping)};
+               all_hit.data_ptr<bool>(), static_cast<int>(beams), c, lengths};
   // launched while candidates_kernel runs: it reads the state, then waits for the candidates
   xllm::launch_with(xllm::programmatic(), bs::update_kernel, dim3(static_cast<unsigned>(batch)), dim3(bs::kThreads), 0,
                     vocab, static_cast<int>(slices), ws, st);

@@ -44,7 +44,25 @@ struct Workspace {
   uint64_t* keys;     // (rows, splits, C) each slice's C best raw-logit keys; 0 pads
   float2* partial;    // (rows, splits) (max, sum of exp(x - max)); NaN sum: a NaN logit
   int64_t* step;      // the step this launch pair advances (read before update_kernel moves it)
+  float* divisor;     // (2,) that step's (generated length) ** length_penalty: its hypotheses', the early-stop heuristic's
 };
+
+// The length penalty's terms, which candidates_kernel computes for update_kernel (off its chain).
+struct Lengths {
+  int64_t prompt_len, max_length;
+  double length_penalty;
+  int early_stopping;  // 0: False, 1: True, 2: "never"
+};
+
+// The divisors of step `step`: this step's hypotheses (the generated length including the EOS) and
+// the early-stop heuristic's best possible length ("never" with a positive penalty: max_length).
+__device__ inline void length_divisors(int64_t step, const Lengths& l, float* divisor) {
+  const int64_t cur_len = l.prompt_len + step;
+  const bool never = l.early_stopping == 2 && l.length_penalty > 0.0;
+  const int64_t best_length = (never ? l.max_length : cur_len + 1) - l.prompt_len;
+  divisor[0] = static_cast<float>(pow(static_cast<double>(cur_len + 1 - l.prompt_len), l.length_penalty));
+  divisor[1] = static_cast<float>(pow(static_cast<double>(best_length), l.length_penalty));
+}
 
 struct State {
   const int64_t* eos;  // (n_eos,)
@@ -61,9 +79,7 @@ struct State {
   bool* improvable;  // (B,)
   bool* all_hit;  // (B,)
   int beams, candidates;
-  int64_t prompt_len, max_length;
-  double length_penalty;
-  int early_stopping;  // 0: False, 1: True, 2: "never"
+  Lengths lengths;
 };
 
 
@@ -71,11 +87,16 @@ struct State {
 // the c best keys and the softmax partial of its slice of a beam row (BULK: see slice_top_keys).
 template <typename T, bool BULK>
 __global__ void __launch_bounds__(kThreads, 2) candidates_kernel(const T* __restrict__ logits, int64_t vocab,
-                                                                  int64_t chunk, int c, Workspace ws, const int64_t* steps) {
+                                                                  int64_t chunk, int c, Workspace ws, const int64_t* steps,
+                                                                  Lengths lengths) {
   const int64_t row = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int64_t begin = split * chunk, end = min(begin + chunk, vocab);
   xllm::launch_dependents();  // update_kernel's blocks may take free room now; they wait for this grid
-  if (threadIdx.x == 0 && row == 0 && split == 0) *ws.step = *steps;
+  if (threadIdx.x == 0 && row == 0 && split == 0) {
+    const int64_t step = *steps;
+    *ws.step = step;
+    length_divisors(step, lengths, ws.divisor);
+  }
   const slice::Partial<float> p = slice::slice_top_keys<T, BULK, float, true>(logits + row * vocab, begin, end, c, kLog2e,
                                                                         ws.keys + (row * splits + split) * c);
   if (threadIdx.x == 0) ws.partial[row * splits + split] = make_float2(p.max, p.sum);
@@ -117,8 +138,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   __shared__ Candidate cand[kMaxCandidates];
   __shared__ PoolEntry merged[kMaxBeams + kMaxCandidates];
   __shared__ bool pool_full, improvable;
-  __shared__ float divisor[2];  // (generated length) ** length_penalty: this step's, the early-stop heuristic's
+  __shared__ int64_t eos[kMaxCandidates];  // C >= 1 + the EOS ids
   const int b = blockIdx.x, W = st.beams, C = st.candidates;
+  const int64_t prompt_len = st.lengths.prompt_len, max_length = st.lengths.max_length;
   // 0. the state before this step (not written by candidates_kernel: read while it may still run)
   if (threadIdx.x < W) {
     const int64_t slot = static_cast<int64_t>(b) * W + threadIdx.x;
@@ -127,22 +149,17 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
     beam_score[threadIdx.x] = st.running_scores[slot];
   }
   if (threadIdx.x == 0) improvable = st.improvable[b];
+  for (int e = threadIdx.x; e < st.n_eos; e += kThreads) eos[e] = st.eos[e];
   xllm::wait_for_prerequisite();
-  // 1. the slices' raw keys (loaded alongside the step), each beam's log-softmax shift (NaN: a NaN
-  // logit or only -inf, no continuation) and the length penalties' divisors, all at once
-  const int64_t step = *ws.step, n_new = st.max_length - st.prompt_len;
+  // 1. the slices' raw keys (loaded alongside the step and the length penalties' divisors) and
+  // each beam's log-softmax shift (NaN: a NaN logit or only -inf, no continuation)
+  const int64_t step = *ws.step, n_new = max_length - prompt_len;
+  const float divisor[2] = {ws.divisor[0], ws.divisor[1]};
   const int per_beam = splits * C, n = W * per_beam;
   for (int i = threadIdx.x; i < n; i += kThreads) keys[i] = ws.keys[static_cast<int64_t>(b) * n + i];
   if (step >= n_new) return;  // at max_length already: nothing to advance
-  const int64_t cur_len = st.prompt_len + step;
+  const int64_t cur_len = prompt_len + step;
   const int lane = threadIdx.x % 32;
-  if (threadIdx.x == kThreads - 1) {  // this step's hypotheses: the generated length including the EOS
-    divisor[0] = static_cast<float>(pow(static_cast<double>(cur_len + 1 - st.prompt_len), st.length_penalty));
-  } else if (threadIdx.x == kThreads - 33) {  // the early-stop heuristic's best possible length (another warp)
-    const bool never = st.early_stopping == 2 && st.length_penalty > 0.0;
-    const int64_t best_length = (never ? st.max_length : cur_len + 1) - st.prompt_len;
-    divisor[1] = static_cast<float>(pow(static_cast<double>(best_length), st.length_penalty));
-  }
   for (int beam = threadIdx.x / 32; beam < W; beam += kThreads / 32) {  // a warp per beam: its slices' partials
     const int64_t row = static_cast<int64_t>(b) * W + beam;
     float m = -kInf, s = 0.f;
@@ -159,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
   if (threadIdx.x == 0) {
     bool full = true;
     for (int w = 0; w < W; ++w) full &= merged[w].finished;
-    pool_full = full && st.early_stopping == 1;
+    pool_full = full && st.lengths.early_stopping == 1;
   }
   // 2. every slice's keys rescored as cumulative log-probabilities: ((x - max) - log(sum)) + score
   for (int i = threadIdx.x; i < n; i += kThreads) {
@@ -176,8 +193,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(int64_t vocab, int spl
     const uint64_t key = ranked[threadIdx.x];
     const int64_t flat = rank_index(key);
     const int64_t token = flat % vocab;
-    bool hit = cur_len + 1 >= st.max_length;
-    for (int e = 0; e < st.n_eos; ++e) hit |= token == st.eos[e];
+    bool hit = cur_len + 1 >= max_length;
+    for (int e = 0; e < st.n_eos; ++e) hit |= token == eos[e];
     const float score = rank_value(key);
     cand[threadIdx.x] = {score, score + (hit ? 1.f : 0.f) * kNeg, token, static_cast<int>(flat / vocab), hit};
   }
