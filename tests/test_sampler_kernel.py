@@ -209,12 +209,12 @@ def test_short_top_k_rows_draw_the_same_token_in_either_kernel(k, vocab, dtype):
 @pytest.mark.parametrize("k", [50, 128])
 @pytest.mark.parametrize("layout", ["ascending", "descending", "one slice"])
 def test_top_k_kernels_merge_rows_whose_best_keys_crowd_one_slice(layout, k):
-    """The draw kernel's merge (slice::merge_sorted_top) ranks the keys above a floor taken from
-    the slices' first keys; when the row's best keys crowd into one slice, that floor leaves more
-    keys than it ranks by counting (a ramp at k = 50: 16 slices a row on a 132-SM card, ~600 keys
-    above the floor) and the merge takes its binary searches instead. Either way the top-k
-    kernels draw the caching kernel's tokens: ramps put the k best in the last or the first slice,
-    "one slice" in a random 4096-token window of each row."""
+    """The draw kernel's merge (slice::merge_sorted_top) ranks each slice's key by binary searches
+    in the other slices' sorted lists, stopping once its rank reaches k; rows whose best keys crowd
+    into one slice (16 slices a row on a 132-SM card here) give the longest and the shortest
+    searches. The top-k kernels draw the caching kernel's tokens whatever the layout: ramps put
+    the k best in the last or the first slice, "one slice" in a random 4096-token window of each
+    row."""
     vocab = 262144
     batch = -(-TOP_K_MIN_ELEMENTS * ((k + 63) // 64) // vocab)
     g = torch.Generator("cuda").manual_seed(7)
