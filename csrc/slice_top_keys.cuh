@@ -510,19 +510,20 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
   }
   __syncthreads();
   Vec<T, VEC> ahead[kRegisters ? kAhead : 1][kGroups];  // the register path's next tiles
-  auto fetch = [&](Vec<T, VEC>(&into)[kGroups], int64_t tile) {
-    const int64_t first = begin + tile * kTileElems;
-    const int len = static_cast<int>(min(static_cast<int64_t>(kTileElems), end - first));
+  auto fetch = [&](Vec<T, VEC>(&into)[kGroups], int64_t j) {  // the warp's j-th tile into registers
+    const T* src;
+    int len;
+    source(j, &src, &len);
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
-      if ((g * 32 + lane) * VEC < len) into[g] = load<T, VEC>(x + first + (g * 32 + lane) * VEC);
+      if ((g * 32 + lane) * VEC < len) into[g] = load<T, VEC>(src + (g * 32 + lane) * VEC);
     }
   };
   if constexpr (kBulk) ring.start(lane, own, source);
   if constexpr (kRegisters) {
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
-      if (warp + a * kWarps < tiles) fetch(ahead[a], warp + a * kWarps);
+      if (a < own) fetch(ahead[a], a);
     }
   }
   float m = -kInf;
@@ -540,7 +541,7 @@ __device__ Partial<Acc> slice_top_keys(const T* __restrict__ x, int64_t begin, i
 #pragma unroll
         for (int g = 0; g < kGroups; ++g) (a == 0 ? v[g] : ahead[a - 1][g]) = ahead[a][g];
       }
-      if (tile + kAhead * kWarps < tiles) fetch(ahead[kAhead - 1], tile + kAhead * kWarps);
+      if (k + kAhead < own) fetch(ahead[kAhead - 1], k + kAhead);
     } else {
       if constexpr (kBulk) {
         ring.wait(k);
