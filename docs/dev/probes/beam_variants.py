@@ -1,6 +1,6 @@
 """Where the beam step's time goes: this tree's beam_search kernels beside copies with one part
 cut out or changed, built in parallel and timed side by side in one process (median device time
-per step, L2 flushed, us), with torch's amax over the same logits as a read reference. The
+per step, L2 flushed by a read, us), with torch's amax over the same logits as a read reference. The
 variants are for timing only: their results are not used. Run on the device from the
 repository root (PYTHONPATH=.): `python docs/dev/probes/beam_variants.py [name ...]`."""
 import os, shutil, statistics, subprocess, sys, torch
@@ -22,6 +22,20 @@ VARIANTS = {  # name: [(file under csrc, old text, new text)]
              ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
               "__launch_bounds__(kThreads, 3) candidates_kernel"),
              ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 3 * sms / rows;")],
+    # four candidates blocks per SM (16 -> 32 warps, 64 registers: float32 spills 48 / 168 bytes) with two bulk-copy
+    # stages each (so that four fit the shared memory) and slices for four a SM: float32 by bulk copies too (occ4), or
+    # in registers one tile ahead (occ4reg)
+    "occ4": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 2;"),
+             ("slice_top_keys.cuh", "constexpr bool kBulk = BULK && sizeof(T) < 4, kRegisters = BULK && !kBulk;",
+              "constexpr bool kBulk = BULK, kRegisters = false;"),
+             ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
+              "__launch_bounds__(kThreads, 4) candidates_kernel"),
+             ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 4 * sms / rows;")],
+    "occ4reg": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 2;"),
+                ("slice_top_keys.cuh", "constexpr int kAhead = 2;", "constexpr int kAhead = 1;"),
+                ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
+                 "__launch_bounds__(kThreads, 4) candidates_kernel"),
+                ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 4 * sms / rows;")],
     "no_exp": [("slice_top_keys.cuh", "part[g] += fast_exp2(", "part[g] += (")],
     "clocks": None,  # see clocks()
     "no_append": [("slice_top_keys.cuh", "  if (!__any_sync(kFull, any)) return;", "  if (!__any_sync(kFull, any) || m != 12345.f) return;")],
@@ -104,17 +118,18 @@ def main(names):
     assert all(p.wait() == 0 for p in procs)
     mods = {n: build(n) for n in names}
     from xllm_sampling.ops.beam_search import BeamSearchState, num_candidates
-    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    # read, not written, before each call (as gate.Timer: a written flush leaves dirty lines the timed call writes back)
+    flush = torch.ones(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4, device="cuda")
 
     def time_us(f, reps=40):
         f(); torch.cuda.synchronize(); ts = []
         for _ in range(reps):
-            flush.zero_(); torch.cuda._sleep(1_000_000)
+            flush.sum(); torch.cuda._sleep(1_000_000)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record(); f(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e) * 1e3)
         return statistics.median(ts)
 
-    print("#", torch.cuda.get_device_name(), "torch", torch.__version__, "us, median of 40, L2 flushed")
+    print("#", torch.cuda.get_device_name(), "torch", torch.__version__, "us, median of 40, L2 flushed by a read")
     print(f"{'B':>3s} {'W':>2s} {'V':>7s} {'dtype':>8s} {'amax':>7s} " + " ".join(f"{n:>10s}" for n in names))
     shapes = ((64, 4, 151936, torch.float32), (64, 4, 151936, torch.bfloat16), (64, 4, 32000, torch.float32),
                            (1, 4, 151936, torch.float32), (64, 8, 151936, torch.float32), (16, 4, 151936, torch.float32),
