@@ -6,6 +6,12 @@ repository root (PYTHONPATH=.): `python docs/dev/probes/beam_variants.py [name .
 import os, shutil, statistics, subprocess, sys, torch
 from pathlib import Path
 
+# four candidates blocks an SM: two bulk-copy stages each, launch bounds and slices for four
+FOUR_AN_SM = [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 2;"),
+              ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
+               "__launch_bounds__(kThreads, 4) candidates_kernel"),
+              ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 4 * sms / rows;")]
+
 VARIANTS = {  # name: [(file under csrc, old text, new text)]
     "base": [],
     "old": [],  # another revision's csrc (prepare())
@@ -25,17 +31,9 @@ VARIANTS = {  # name: [(file under csrc, old text, new text)]
     # four candidates blocks per SM (16 -> 32 warps, 64 registers: float32 spills 48 / 168 bytes) with two bulk-copy
     # stages each (so that four fit the shared memory) and slices for four a SM: float32 by bulk copies too (occ4), or
     # in registers one tile ahead (occ4reg)
-    "occ4": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 2;"),
-             ("slice_top_keys.cuh", "constexpr bool kBulk = BULK && sizeof(T) < 4, kRegisters = BULK && !kBulk;",
-              "constexpr bool kBulk = BULK, kRegisters = false;"),
-             ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
-              "__launch_bounds__(kThreads, 4) candidates_kernel"),
-             ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 4 * sms / rows;")],
-    "occ4reg": [("slice_top_keys.cuh", "constexpr int kStages = 4;", "constexpr int kStages = 2;"),
-                ("slice_top_keys.cuh", "constexpr int kAhead = 2;", "constexpr int kAhead = 1;"),
-                ("beam_search/beam_search.cuh", "__launch_bounds__(kThreads, 2) candidates_kernel",
-                 "__launch_bounds__(kThreads, 4) candidates_kernel"),
-                ("beam_search/beam_search.cu", "const int64_t wanted = 2 * sms / rows;", "const int64_t wanted = 4 * sms / rows;")],
+    "occ4": [("slice_top_keys.cuh", "constexpr bool kBulk = BULK && sizeof(T) < 4, kRegisters = BULK && !kBulk;",
+              "constexpr bool kBulk = BULK, kRegisters = false;")] + FOUR_AN_SM,
+    "occ4reg": [("slice_top_keys.cuh", "constexpr int kAhead = 2;", "constexpr int kAhead = 1;")] + FOUR_AN_SM,
     "no_exp": [("slice_top_keys.cuh", "part[g] += fast_exp2(", "part[g] += (")],
     "clocks": None,  # see clocks()
     "no_append": [("slice_top_keys.cuh", "  if (!__any_sync(kFull, any)) return;", "  if (!__any_sync(kFull, any) || m != 12345.f) return;")],
