@@ -153,6 +153,27 @@ def test_topk_ties_neg_inf_nan_and_smallest(batch, vocab, dtype):
             assert torch.equal(values.nan_to_num(7.0), ref_values.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_keeps_nan_and_infinities_inside_whole_tiles_of_split_rows(dtype):
+    # The split path skips a whole tile by each thread's extreme (a max or min that keeps NaN):
+    # NaN and infinities in a full tile streamed after the bound has risen must still be ranked.
+    # (256, 20000) splits each row in two chunks of 10000 (tiles of 2048 from 0): index 5000 lies
+    # in the third, full, tile of the first chunk, 17000 in the fourth of the second.
+    x = torch.randn(256, 20000, device="cuda").to(dtype)
+    x[0, 5000] = float("nan")
+    x[1, 5000] = float("inf")
+    x[2, 5000] = float("-inf")
+    x[3, [5000, 17000]] = float("nan")
+    x[4, 17000] = float("-inf")
+    x[4, 5000] = float("inf")
+    for k in (1, 3, 50):
+        for largest in (True, False):
+            values, indices = air_topk_last_dim(x, k, largest=largest)
+            ref_values, ref_indices = stable_reference(x, k, largest)
+            assert torch.equal(indices, ref_indices), (k, largest)
+            assert torch.equal(values.nan_to_num(7.0), ref_values.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("batch,vocab,k", [(0, 1000, 10), (-1, 1000, 10), (4, 0, 10), (4, 1000, 0)])
 def test_topk_workspace_size_rejects_empty_shapes_by_name(batch, vocab, k):
     # The Python op rejects empty tensors first; the extension's own entry point must not size

@@ -38,6 +38,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "launch_helpers.cuh"
 #include "row_barrier.cuh"
@@ -100,6 +101,18 @@ __device__ __forceinline__ float float_of_bits(uint32_t bits, __half) {
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// max / min that return NaN when either operand is NaN (fmaxf / fminf would drop it).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float d;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
 
 template <typename T>
 struct Key {
@@ -295,25 +308,64 @@ __device__ void cut(Selection& s, int k, int limit) {
 template <typename T, int VEC, int ITEMS = kItems>
 struct Tile {
   static constexpr int kLoads = ITEMS / VEC;
-  T v[kLoads][VEC];
+  // Whole 16-byte loads stay packed in 32-bit words (16-bit elements would otherwise take a
+  // register each); single elements are kept as they are.
+  static constexpr bool kPacked = VEC * sizeof(T) == 16;
+  static constexpr int kWords = kPacked ? 4 : 1;
+  using Word = std::conditional_t<kPacked, uint32_t, T>;
+  Word w[kLoads][kWords];
 
   // Where this thread's element (u, j) lies in a tile (VEC per 16-byte load, loads kThreads * VEC apart).
   static __device__ __forceinline__ int offset(int u, int j) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC + j; }
+
+  // Element j of load u.
+  __device__ __forceinline__ T at(int u, int j) const {
+    if constexpr (!kPacked) {
+      return w[u][0];
+    } else if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(w[u][j]);
+    } else {
+      const unsigned short bits = static_cast<unsigned short>(w[u][j / 2] >> (16 * (j % 2)));
+      T v;
+      memcpy(&v, &bits, sizeof(v));
+      return v;
+    }
+  }
+
+  // The largest of this thread's elements (the smallest when `smallest`), NaN if any is NaN.
+  // Every element must exist (a whole tile). 16-bit elements are compared two at a time.
+  __device__ __forceinline__ float extreme(bool smallest) const {
+    if constexpr (kPacked && sizeof(T) == 2) {
+      using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+      auto pair = [&](int u, int q) { Pair p; memcpy(&p, &w[u][q], sizeof(p)); return p; };
+      Pair m = pair(0, 0);
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+        for (int q = u == 0 ? 1 : 0; q < kWords; ++q) m = smallest ? __hmin2_nan(m, pair(u, q)) : __hmax2_nan(m, pair(u, q));
+      }
+      const float lo = to_float(m.x), hi = to_float(m.y);
+      return smallest ? min_nan(lo, hi) : max_nan(lo, hi);
+    } else {
+      float m = to_float(at(0, 0));
+#pragma unroll
+      for (int i = 1; i < ITEMS; ++i) m = smallest ? min_nan(m, to_float(at(i / VEC, i % VEC))) : max_nan(m, to_float(at(i / VEC, i % VEC)));
+      return m;
+    }
+  }
 
   // This thread's elements of the tile starting at `tile`, of which the first n exist (n is a
   // multiple of VEC; 32-bit offsets keep the bounds checks to one compare each).
   __device__ __forceinline__ void load(const T* __restrict__ tile, int n) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int at = offset(u, 0);
-      if (at < n) {
-        if constexpr (VEC == 1) {
-          v[u][0] = tile[at];
+      const int o = offset(u, 0);
+      if (o < n) {
+        if constexpr (kPacked) {
+          const uint4 q = *reinterpret_cast<const uint4*>(tile + o);
+          w[u][0] = q.x, w[u][1] = q.y, w[u][2] = q.z, w[u][3] = q.w;
         } else {
-          struct alignas(16) Pack { T x[VEC]; };
-          const Pack p = *reinterpret_cast<const Pack*>(tile + at);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) v[u][j] = p.x[j];
+          w[u][0] = tile[o];
         }
       }
     }
@@ -322,7 +374,8 @@ struct Tile {
 
 // One row's logits [begin, end) as a source of keys, a tile of kItems per thread at a time
 // (zero past the end). The next tile's loads are issued before this tile is sifted. (Holding
-// more tiles in flight, in registers or as L2 prefetches, measured slower on the H100.)
+// more tiles in flight, in registers, as L2 prefetches or as bulk copies into shared memory
+// three tiles ahead, measured no faster.)
 template <typename T, int VEC>
 struct LogitKeys {
   const T* __restrict__ row;
@@ -345,14 +398,27 @@ struct LogitKeys {
 
   __device__ __forceinline__ uint64_t key(int i) const {
     const int u = i / VEC, j = i % VEC, at = Tile<T, VEC>::offset(u, j);
-    return at < size ? Key<T>::make(cur.v[u][j], base + at, flip) : 0;
+    return at < size ? Key<T>::make(cur.at(u, j), base + at, flip) : 0;
+  }
+
+  // Whether any of this thread's keys may reach `bound`: on a whole tile one compare of the
+  // elements' extreme (NaN passes, as NaN ranks largest), else item by item.
+  __device__ __forceinline__ bool may_reach_any(uint64_t bound) const {
+    if (size == kTile) {
+      const float t = Key<T>::threshold(bound, flip);
+      return flip ? !(cur.extreme(true) > t) : !(cur.extreme(false) < t);
+    }
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) any |= may_reach(i, bound);
+    return any;
   }
 
   // Whether this thread's key i may reach `bound` (compares the value only: cheaper than a key).
   __device__ __forceinline__ bool may_reach(int i, uint64_t bound) const {
     const float sign = flip ? -1.f : 1.f, t = Key<T>::threshold(bound, flip) * sign;
     const int u = i / VEC, j = i % VEC;
-    return Tile<T, VEC>::offset(u, j) < size && !(to_float(cur.v[u][j]) * sign < t);
+    return Tile<T, VEC>::offset(u, j) < size && !(to_float(cur.at(u, j)) * sign < t);
   }
 };
 
@@ -373,18 +439,20 @@ struct StoredKeys {
   }
 
   // A stored key is its own test: admit loads it once, when it makes the key, and compares it.
+  __device__ __forceinline__ bool may_reach_any(uint64_t) const { return true; }
   __device__ __forceinline__ bool may_reach(int, uint64_t) const { return true; }
 };
 
 // Admit the source's keys of this thread's tile that reach the bound (zero keys never do:
-// the bound is >= 1). Keys are made only where the source's cheap pre-test passes, and a warp
-// skips the tile (after the first tiles almost always), or an item, that none of its lanes passes.
+// the bound is >= 1). Keys are made only where the source's cheap pre-tests pass: a warp skips
+// the tile when none of its lanes' extremes reaches the bound (one compare a lane), else an
+// item that none of its lanes passes.
 template <typename Source>
 __device__ __forceinline__ void admit(Selection& s, const Source& source, uint64_t bound) {
-  bool pass[kItems], any = false;
+  if (!__any_sync(0xFFFFFFFFu, source.may_reach_any(bound))) return;
+  bool pass[kItems];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) any |= (pass[i] = source.may_reach(i, bound));
-  if (!__any_sync(0xFFFFFFFFu, any)) return;
+  for (int i = 0; i < kItems; ++i) pass[i] = source.may_reach(i, bound);
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (!__any_sync(0xFFFFFFFFu, pass[i])) continue;
@@ -615,7 +683,7 @@ struct ChunkKeys {
     Values tile;
     tile.load(chunk, n);
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) high[i] = static_cast<uint32_t>(Key<T>::make(tile.v[i / VEC][i % VEC], 0, flip) >> 32);
+    for (int i = 0; i < ITEMS; ++i) high[i] = static_cast<uint32_t>(Key<T>::make(tile.at(i / VEC, i % VEC), 0, flip) >> 32);
   }
   __device__ __forceinline__ bool past(int i) const { return (i / VEC) * kThreads * VEC >= n; }  // the whole block's
   __device__ __forceinline__ bool exists(int i) const { return Values::offset(i / VEC, i % VEC) < n; }
