@@ -20,8 +20,8 @@
 // from the top, stopping at the first digit whose bucket holding the k-th key leaves at most
 // cut_limit(k) keys at or above it, so that ties need no index digits) and the bound rises to
 // that cut: early cuts raise the bound sooner, so fewer keys are admitted. Threads test values
-// against the bound as floats before making any key, and a warp skips a tile, or an item of it,
-// that none of its lanes passes.
+// against the bound as floats before making any key: a warp skips a whole tile when none of its
+// lanes' largest value (NaN kept) reaches it, else an item of it that none of its lanes passes.
 // Other batches that leave the GPU idle split each row over `splits` blocks, and the row's last
 // block to finish (a ticket counter, reset by that block) merges what they leave in the
 // workspace: with few keys (splits * 2k <= kRankMergeMax) each split leaves up to 2k keys that
