@@ -6,8 +6,6 @@ the repository root (PYTHONPATH=., carry probe): `python docs/dev/probes/sampler
 wip-a wip-b`. SBS_SHAPES, SBS_CONFIGS and SBS_DTYPE as for side_by_side.py; "penalties" is a
 configuration here too (top-k 50 + top-p 0.9 with 256 generated tokens a row)."""
 import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import torch
 from torch.utils import cpp_extension
 
 from xllm_sampling import gate, kernels
+
+from variant_builds import build_side_by_side, median_us  # this folder's helpers
 
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
@@ -30,11 +30,6 @@ def build(name: str):
                               extra_cflags=["-O3"], extra_cuda_cflags=kernels.NVCC_FLAGS)
 
 
-def time_us(f, timer, reps=60):
-    f()
-    return statistics.median(timer(f) for _ in range(reps))
-
-
 CONFIGS = {"top-k 50 + top-p 0.9": (0.8, 50, 0.9, 0.0), "top-k 50": (0.8, 50, 1.0, 0.0), "top-k 1": (0.8, 1, 1.0, 0.0),
            "top-k 20": (0.8, 20, 1.0, 0.0), "top-k 128 + top-p 0.9": (0.8, 128, 0.9, 0.0),
            "top-k 200": (0.8, 200, 1.0, 0.0), "top-p 0.9": (0.8, 0, 0.9, 0.0), "min-p 0.1": (0.8, 0, 1.0, 0.1),
@@ -42,13 +37,9 @@ CONFIGS = {"top-k 50 + top-p 0.9": (0.8, 50, 0.9, 0.0), "top-k 50": (0.8, 50, 1.
 
 
 def main(names):
-    if len(names) == 1 and os.environ.get("SAMPLER_VARIANT_BUILD"):
-        build(names[0])
+    mods = build_side_by_side(names, build, "SAMPLER_VARIANT_BUILD")
+    if mods is None:
         return
-    procs = [subprocess.Popen([sys.executable, __file__, n], env=os.environ | {"SAMPLER_VARIANT_BUILD": "1"})
-             for n in names]
-    assert all(p.wait() == 0 for p in procs)
-    mods = {n: build(n) for n in names}
     timer = gate.Timer("cuda", host_overhead=False)  # L2 flushed by a read, the launch hidden behind a spin
     dtype = getattr(torch, os.environ.get("SBS_DTYPE", "float32"))
     configs = os.environ.get("SBS_CONFIGS", "top-k 50 + top-p 0.9,top-k 50,top-k 1,top-k 128 + top-p 0.9,top-p 0.9,penalties")
@@ -65,7 +56,7 @@ def main(names):
             args = (x, None, t, None, k, None, p, None, mp, None, 1, pos, 0) + pen
             tokens = [m.sample(*args)[0] for m in mods.values()]
             same = all(torch.equal(tokens[0], other) for other in tokens[1:])
-            times = [time_us(lambda m=m: m.sample(*args), timer) for m in mods.values()]
+            times = [median_us(lambda m=m: m.sample(*args), timer, 60) for m in mods.values()]
             print(f"{name:24s} {B:4d} {V:7d} " + " ".join(f"{v:12.1f}" for v in times) + f"  same tokens: {same}", flush=True)
 
 

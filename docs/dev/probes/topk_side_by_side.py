@@ -9,8 +9,6 @@ equal, ties by lower index; sorted: the same order). Run on the device from the 
 docs/dev/probes/topk_side_by_side.py main tree`. TOPK_SHAPES="16x151936,64x32000" picks other
 (batch x vocab) shapes, TOPK_DTYPES="bfloat16" and TOPK_KS="50" fewer cells."""
 import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import torch
 from torch.utils import cpp_extension
 
 from xllm_sampling import gate, kernels
+
+from variant_builds import build_side_by_side, median_us  # this folder's helpers
 
 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
@@ -31,11 +31,6 @@ def build(name: str):
                               sources=[str(root / "air_topk" / "air_topk.cu")],
                               extra_include_paths=[str(root.resolve())] + kernels.extra_include_paths(),
                               extra_cflags=["-O3"], extra_cuda_cflags=kernels.NVCC_FLAGS)
-
-
-def time_us(f, timer, reps=40):
-    f()
-    return statistics.median(timer(f) for _ in range(reps))
 
 
 def call(mod, x, k, sorted_):
@@ -52,13 +47,9 @@ def correct(values, indices, x, k, sorted_):
 
 
 def main(names):
-    if len(names) == 1 and os.environ.get("TOPK_VARIANT_BUILD"):
-        build(names[0])
+    mods = build_side_by_side(names, build, "TOPK_VARIANT_BUILD")
+    if mods is None:
         return
-    procs = [subprocess.Popen([sys.executable, __file__, n], env=os.environ | {"TOPK_VARIANT_BUILD": "1"})
-             for n in names]
-    assert all(p.wait() == 0 for p in procs)
-    mods = {n: build(n) for n in names}
     sys.path.insert(0, ".ci")
     from fi_prebuilt_bench import use_prebuilt_topk
     fi = None
@@ -78,8 +69,8 @@ def main(names):
                     x = (torch.randn(B, V, device="cuda", generator=g) * 3).to(dtype)
                     calls = [call(mods[n], x, k, sorted_) for n in names]
                     ok = all(correct(*f(), x, k, sorted_) for f in calls)
-                    times = [time_us(f, timer) for f in calls]
-                    t_fi = time_us(lambda: fi.top_k(x, k, sorted=sorted_), timer) if fi is not None else float("nan")
+                    times = [median_us(f, timer, 40) for f in calls]
+                    t_fi = median_us(lambda: fi.top_k(x, k, sorted=sorted_), timer, 40) if fi is not None else float("nan")
                     print(f"{str(dtype)[6:]:9s} {k:5d} {str(sorted_):>6s} {B:4d} {V:7d} "
                           + " ".join(f"{t:10.1f}" for t in times) + f" {t_fi:10.1f}  {ok}", flush=True)
 
