@@ -81,9 +81,9 @@ void launch_rows(const torch::Tensor& logits, s::Args args, int cs, int threads,
   }
 }
 
-template <typename T, int VEC, bool PENALTY>
+template <typename T, int VEC, bool PENALTY, int kMinBlocks>
 void launch(const torch::Tensor& logits, s::Args args, int cs) {
-  constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY>;
+  constexpr auto kernel = s::sample_kernel<T, VEC, PENALTY, kMinBlocks>;
   constexpr int64_t kListBytes = s::kGather * sizeof(uint64_t);
   const int64_t shared = s::list_offset(args.chunk) * 4 + kListBytes + (PENALTY ? kPenaltyBytes : 0);
   xllm::configure_once<kernel>(logits.get_device(), static_cast<int>(kMaxChunkBytes + kListBytes + kPenaltyBytes),
@@ -169,10 +169,15 @@ void dispatch(const torch::Tensor& logits, Args args, bool penalty, bool unfilte
   const int cs = cluster_size(sms, batch, vocab);
   TORCH_CHECK(cs > 0, "sample: vocab ", vocab, " above the kernel's ", max_vocab());
   args.chunk = round_up((vocab + cs - 1) / cs, s::kTile);
+  const bool one_wave = batch * cs <= sms;  // at most one block an SM: registers rather than occupancy
   if (aligned) {
-    penalty ? launch<T, kVec, true>(logits, args, cs) : launch<T, kVec, false>(logits, args, cs);
+    if (one_wave) {
+      penalty ? launch<T, kVec, true, 1>(logits, args, cs) : launch<T, kVec, false, 1>(logits, args, cs);
+    } else {
+      penalty ? launch<T, kVec, true, 4>(logits, args, cs) : launch<T, kVec, false, 4>(logits, args, cs);
+    }
   } else {
-    penalty ? launch<T, 1, true>(logits, args, cs) : launch<T, 1, false>(logits, args, cs);
+    penalty ? launch<T, 1, true, 4>(logits, args, cs) : launch<T, 1, false, 4>(logits, args, cs);
   }
 }
 

@@ -10,11 +10,13 @@
 //     (tile_weight.cuh), so that an unfiltered request draws the same token in either kernel;
 //     the others as 2^((x - max) c) in float32;
 //  3. top-k: counts of tokens at seven levels below the max bound the top k by a set of a few
-//     times k tokens. When that set has at most kGather tokens and k <= slice::kMaxKeys, every
-//     block gathers it and ranks its own entries into block 0's top k, and block 0 draws from
-//     that list as steps 4-5 do (ranked_draw.cuh,
-//     shared with top_k_sampling.cuh), and the row is done. Otherwise the k-th key, by ranking
-//     the gathered set or by a radix select over it (8-bit digits of x's order-preserving bits,
+//     times k tokens. When that set has at most kGather tokens and k <= slice::kMaxKeys, the row
+//     is listed: a set of at most slice::kDirectRank tokens every block writes into block 0's
+//     list and leaves, and block 0 ranks it alone (slice::rank_select); a larger one every block
+//     gathers whole and ranks its own entries into block 0's top k (faster than block 0 alone
+//     for ~350 tokens). Block 0 draws from the top k as steps 4-5 do (ranked_draw.cuh, shared
+//     with top_k_sampling.cuh), and the row is done. Otherwise the k-th key, by ranking the
+//     gathered set or by a radix select over it (8-bit digits of x's order-preserving bits,
 //     four rounds, histograms summed over the cluster); ties at the k-th value keep the lowest
 //     indices. min-p keeps w >= min_p (w of the max is 1). Both are prefixes of the ranking
 //     (x descending, index ascending), so the candidates C are one membership test;
@@ -57,7 +59,7 @@ constexpr int kBins = 256;                            // radix digit of 8 bits
 constexpr int kPenaltySlots = 2048;                   // per-block hash table of penalised tokens
 constexpr int kMaxPenaltyTokens = kPenaltySlots / 2;  // generated tokens per row the kernel takes
 constexpr int kLevels = 7;                            // top-k bound: w >= 2^-(2^j), j < kLevels
-constexpr int kGather = 512;                          // top-k candidates ranked in every block at most
+constexpr int kGather = 512;                          // top-k candidates listed at most
 constexpr int kMaxTiles = 64;                         // tiles of a block's chunk (tile_weight.cuh) at most
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
@@ -375,6 +377,22 @@ __device__ inline int refine_bound(cg::cluster_group& cluster, const float* cach
   return top_k_bound(cluster, k, row_max, c, within, sh);
 }
 
+// The row's list of the tokens at or above sh.lower as rank keys, in block 0's `list`: each block
+// writes its own at their place in the row's list (distributed shared memory stores), then the
+// cluster syncs. Every block has then read all it reads of the others' shared memory (the counts
+// of top_k_bound), so the blocks other than 0 may leave.
+__device__ inline void gather_to_first(cg::cluster_group& cluster, const float* cache, int n, int64_t begin,
+                                       uint64_t* list, Shared& sh) {
+  const float lower = sh.lower;
+  uint64_t* own = cluster.map_shared_rank(list, 0) + sh.gather_offset[cluster.block_rank()];
+  const Range range = range_of(n);
+  for (int i = range.begin; i < range.end; ++i) {
+    const float v = cache[i];
+    if (v >= lower) own[atomicAdd(&sh.gather_count, 1)] = rank_key(v, begin + i);
+  }
+  cluster.sync();
+}
+
 // The row's list of the `total` (<= kGather) tokens at or above sh.lower as rank keys, in `list`
 // of every block: each block lists its own at their place in the row's list, the blocks exchange,
 // and each copies the others' entries.
@@ -484,17 +502,14 @@ __device__ inline int top_k_cut(cg::cluster_group& cluster, const float* cache, 
   return 1 + walk(cache, n, keep - 0.5, sh, tied);
 }
 
-// A listed top-k row, every block of the cluster (each holding the gathered list[0, total),
-// gather_list): its top k ranked into block 0's TopK `top`, then block 0's draw from it
-// (ranked_draw.cuh), which writes the row's token and logprob. Each block ranks its own entries
-// (a key's rank: the list's keys above it, counted by the block's warps over their stretches of
-// the list) and writes those ranked below k into block 0. (Block 0 alone selecting from the list
-// left the other blocks waiting at the last barrier for about half of a batch-1 call, by ncu.)
+// A listed top-k row whose set has more than slice::kDirectRank tokens, every block of the
+// cluster (each holding the gathered list[0, total), gather_list): its top k ranked into block
+// 0's TopK `top`. Each block ranks its own entries (a key's rank: the list's keys above it,
+// counted by the block's warps over their stretches of the list) and writes those ranked below k
+// into block 0; ends with a cluster sync, after which no block reads another's shared memory.
 // Not inlined: its registers stay out of the kernel's own (inlined, sample_kernel spilled).
 // Static: one per translation unit.
-static __device__ __noinline__ void draw_listed(const uint64_t* list, int total, int k, TopK* top, Shared& sh, float t,
-                                                float min_p, float top_p, uint64_t seed, uint64_t position,
-                                                float row_max, double row_sum, int64_t* token, float* logprob) {
+static __device__ __noinline__ void rank_into_first(const uint64_t* list, int total, int k, TopK* top, Shared& sh) {
   cg::cluster_group cluster = cg::this_cluster();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const unsigned rank = cluster.block_rank();
@@ -521,7 +536,19 @@ static __device__ __noinline__ void draw_listed(const uint64_t* list, int total,
     if (above[i] < k) ranked[above[i]] = list[first + i];
   }
   cluster.sync();  // block 0's top->ranked[0, k) is complete
-  if (rank != 0) return;
+}
+
+// Block 0 of a listed top-k row: with `alone` (gather_to_first's set), its top k ranked from its
+// list[0, total) into `top` first; otherwise `top` already holds it (rank_into_first). Then the
+// draw from it (ranked_draw.cuh), which writes the row's token and logprob. Not inlined, as
+// rank_into_first.
+static __device__ __noinline__ void draw_listed(const uint64_t* list, int total, int k, bool alone, TopK* top, float t,
+                                                float min_p, float top_p, uint64_t seed, uint64_t position,
+                                                float row_max, double row_sum, int64_t* token, float* logprob) {
+  if (alone) {
+    slice::rank_select<true>(list, total, k, top->ranked);
+    __syncthreads();
+  }
   const int r = draw_ranked(*top, k, weight_scale(t), min_p, top_p, seed, position);
   if (threadIdx.x == 0) {
     const uint64_t key = top->ranked[r];
@@ -530,8 +557,10 @@ static __device__ __noinline__ void draw_listed(const uint64_t* list, int total,
   }
 }
 
-template <typename T, int VEC, bool PENALTY>
-__global__ void __launch_bounds__(kThreads, 4) sample_kernel(const T* __restrict__ logits, Args a) {
+// kMinBlocks: the blocks an SM must hold (4 for batches of several blocks an SM: 64 registers; 1
+// where the grid is one block an SM at most, which leaves the registers to the passes' latency).
+template <typename T, int VEC, bool PENALTY, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(const T* __restrict__ logits, Args a) {
   extern __shared__ __align__(16) float cache[];
   __shared__ Shared sh;
   cg::cluster_group cluster = cg::this_cluster();
@@ -726,22 +755,26 @@ __global__ void __launch_bounds__(kThreads, 4) sample_kernel(const T* __restrict
   // pass over the row; the other rows keep the k-th key (and its ties' cut) for membership tests.
   uint32_t kth_key = 0;
   int tie_cut = n;  // chunk indices below this keep their ties at the k-th key
-  bool listed = false;
   if (!done && k_on) {
     int total = top_k_bound(cluster, k, row_max, c, -1, sh);
     if (total > kGather && total != INT32_MAX && k <= slice::kMaxKeys) {  // a list row, if the set shrinks enough
       total = refine_bound(cluster, cache, n, k, row_max, c, sh);
     }
-    listed = total <= kGather && k <= slice::kMaxKeys;
-    if (listed) {
-      gather_list(cluster, cache, n, begin, total, list, sh);
-      draw_listed(list, total, static_cast<int>(k), reinterpret_cast<TopK*>(cache), sh, t, min_p, top_p,
-                  static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]), row_max, row_sum,
-                  a.tokens + row, a.logprobs + row);  // block 0's TopK where its cached chunk was
-      done = true;
-    } else {
-      tie_cut = top_k_cut(cluster, cache, n, begin, k, total, list, sh, &kth_key);
+    if (total <= kGather && k <= slice::kMaxKeys) {  // listed: block 0 finishes the row; the others leave
+      TopK* top = reinterpret_cast<TopK*>(cache);  // block 0's, where its cached chunk was
+      const bool alone = total <= slice::kDirectRank;
+      if (alone) {
+        gather_to_first(cluster, cache, n, begin, list, sh);
+      } else {
+        gather_list(cluster, cache, n, begin, total, list, sh);
+        rank_into_first(list, total, static_cast<int>(k), top, sh);
+      }
+      if (rank != 0) return;
+      draw_listed(list, total, static_cast<int>(k), alone, top, t, min_p, top_p, static_cast<uint64_t>(a.seed[row]),
+                  static_cast<uint64_t>(a.position[row]), row_max, row_sum, a.tokens + row, a.logprobs + row);
+      return;
     }
+    tie_cut = top_k_cut(cluster, cache, n, begin, k, total, list, sh, &kth_key);
   }
   auto in_top_k = [&](int i, float v) {
     const uint32_t key = order_key(v);
@@ -819,7 +852,7 @@ __global__ void __launch_bounds__(kThreads, 4) sample_kernel(const T* __restrict
     token = sh.argmax;
     token_value = row_max;
   }
-  if (rank == 0 && tid == 0 && !listed) {
+  if (rank == 0 && tid == 0) {
     if (invalid) {
       a.tokens[row] = -1;
       a.logprobs[row] = NAN;

@@ -21,13 +21,17 @@ at("  auto in_top_k = [&]", "  PH(5);\n")
 at("  // 4-5. Draw;", "  PH(6);\n")
 at("    token = sh.chosen_index;", "    ++ph_rounds;\n")
 at("  if (!accepted) {", "  PH(7);\n")
-at("  cluster.sync();  // no block leaves", "  PH(8);\n  if (row == 0 && rank == 0 && tid == 0) printf(\"PH rounds %d | load %lld max %lld tiles %lld mass+levels %lld topk_cut %lld (bound %lld gather %lld listed %lld: list %lld k %lld rank %lld draw %lld) cand_mass %lld draw %lld tail %lld\\n\", ph_rounds, ph[1]-ph[0], ph[2]-ph[1], ph[3]-ph[2], ph[4]-ph[3], ph[5]-ph[4], ph[10]-ph[4], ph[11]-ph[10], ph[5]-ph[11], ph_list[0], ph_list[1], ph_list[2], ph_list[3], ph[6]-ph[5], ph[7]-ph[6], ph[8]-ph[7]);\n")
+# the whole line, printed where a row ends: after the last exchange, or where block 0 of a listed row returns
+PRINT = "  if (row == 0 && rank == 0 && tid == 0) printf(\"PH rounds %d | load %lld max %lld tiles %lld mass+levels %lld topk_cut %lld (bound %lld gather %lld listed %lld: list %lld k %lld rank %lld draw %lld) cand_mass %lld draw %lld tail %lld\\n\", ph_rounds, ph[1]-ph[0], ph[2]-ph[1], ph[3]-ph[2], ph[4]-ph[3], ph[5]-ph[4], ph[10]-ph[4], ph[11]-ph[10], ph[5]-ph[11], ph_list[0], ph_list[1], ph_list[2], ph_list[3], ph[6]-ph[5], ph[7]-ph[6], ph[8]-ph[7]);\n"
+at("  cluster.sync();  // no block leaves", "  PH(8);\n" + PRINT)
 # Block 0's ranking and draw of a listed row, kept for the final printf (a printf of their own
 # there would be timed as part of the cut).
 at("namespace xllm::sampler {\n", "static __device__ long long ph_list[4];\n", before=False)
 at("    int total = top_k_bound(cluster, k, row_max, c, -1, sh);\n", "    PH(10);\n", before=False)
-at("      gather_list(cluster, cache, n, begin, total, list, sh);\n", "      PH(11);\n", before=False)
-at("  for (int i = threadIdx.x; i < own; i += kThreads) above[i] = 0;\n", "  long long d0 = clock64();\n")
+at("      if (rank != 0) return;\n      draw_listed(", "      PH(11);\n")
+at("row_max, row_sum, a.tokens + row, a.logprobs + row);\n",
+   "      PH(5); PH(6); PH(7); PH(8);\n" + PRINT.replace("  if", "      if"), before=False)
+at("  if (alone) {\n    slice::rank_select", "  long long d0 = clock64();\n")
 at("  const int r = draw_ranked(", "  long long d1 = clock64();\n")
 at("  if (threadIdx.x == 0) {\n    const uint64_t key = ", "  long long d2 = clock64();\n  if (threadIdx.x == 0) { ph_list[0] = total; ph_list[1] = k; ph_list[2] = d1 - d0; ph_list[3] = d2 - d1; }\n")
 if not (inc / "sampling.cuh").exists() or (inc / "sampling.cuh").read_text() != s:  # unchanged: no rebuild
