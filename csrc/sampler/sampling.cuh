@@ -570,6 +570,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(const T* _
   const int64_t begin = static_cast<int64_t>(rank) * a.chunk;
   const int64_t end = begin + a.chunk < vocab ? begin + a.chunk : vocab;
   const int n = end > begin ? static_cast<int>(end - begin) : 0;
+  // The row's settings, read first: per-request tensors' loads overlap the chunk's instead of
+  // following a cluster barrier.
+  const float t = a.temperature[row], top_p = a.top_p[row], min_p = a.min_p[row];
+  const int64_t k = a.top_k[row];
+  const uint64_t seed = static_cast<uint64_t>(a.seed[row]), position = static_cast<uint64_t>(a.position[row]);
 
   // Cache the chunk as float32 (-0 made +0, so that equal values have equal keys).
   // kLoads vectors in flight per thread at a time. Without penalties (which change the cached
@@ -682,13 +687,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(const T* _
   phase ^= 1;
   __syncthreads();
   const float row_max = sh.max;
-  const float t = a.temperature[row];
   const bool greedy = t == 0.f;
   const float c = weight_scale(t);
   const bool invalid = sh.invalid;
-  const int64_t k = a.top_k[row];
   const bool k_on = k > 0 && k < vocab;
-  const float top_p = a.top_p[row], min_p = a.min_p[row];
   const bool tiled = !greedy && !k_on && top_p >= 1.f && min_p <= 0.f;  // greedy: the weights give only the logprob
   if (tiled && !invalid) {  // each tile's reference and scale, a warp per tile
     for (int tl = warp; tl * kTile < n; tl += kWarps) {
@@ -770,8 +772,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(const T* _
         rank_into_first(list, total, static_cast<int>(k), top, sh);
       }
       if (rank != 0) return;
-      draw_listed(list, total, static_cast<int>(k), alone, top, t, min_p, top_p, static_cast<uint64_t>(a.seed[row]),
-                  static_cast<uint64_t>(a.position[row]), row_max, row_sum, a.tokens + row, a.logprobs + row);
+      draw_listed(list, total, static_cast<int>(k), alone, top, t, min_p, top_p, seed, position, row_max, row_sum,
+                  a.tokens + row, a.logprobs + row);
       return;
     }
     tie_cut = top_k_cut(cluster, cache, n, begin, k, total, list, sh, &kth_key);
@@ -810,8 +812,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) sample_kernel(const T* _
 #pragma unroll 1
   for (int round = 0; round < kMaxRounds && !done; ++round) {
     if (warp == 0) {
-      const double u = philox_uniform(static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.position[row]),
-                                      static_cast<uint32_t>(round));
+      const double u = philox_uniform(seed, position, static_cast<uint32_t>(round));
       const double m = lane < kMaxCluster ? sh.block_mass[lane] : 0.0;
       const double target = u * warp_sum(m);
       choose_block(m, target, sh);

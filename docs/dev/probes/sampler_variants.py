@@ -4,7 +4,8 @@ probe/variants/main`), built in parallel; median device time per call with the L
 read (us), and whether every revision draws the same tokens as the first. Run on the device from
 the repository root (PYTHONPATH=., carry probe): `python docs/dev/probes/sampler_variants.py main
 wip-a wip-b`. SBS_SHAPES, SBS_CONFIGS and SBS_DTYPE as for side_by_side.py; "penalties" is a
-configuration here too (top-k 50 + top-p 0.9 with 256 generated tokens a row)."""
+configuration here too (top-k 50 + top-p 0.9 with 256 generated tokens a row); SBS_T_TENSOR=1 passes
+the temperature as a (batch,) tensor, as `xllm-port bench` does."""
 import os
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def main(names):
         for name in configs.split(","):
             t, k, p, mp = CONFIGS[name]
             pen = (generated, None, 0.5, None, 0.5, None, 1.2) if name == "penalties" else (None, None, 0.0, None, 0.0, None, 1.0)
-            args = (x, None, t, None, k, None, p, None, mp, None, 1, pos, 0) + pen
+            t_rows = torch.full((B,), t, device="cuda") if os.environ.get("SBS_T_TENSOR") else None
+            args = (x, t_rows, t, None, k, None, p, None, mp, None, 1, pos, 0) + pen
             tokens = [m.sample(*args)[0] for m in mods.values()]
             same = all(torch.equal(tokens[0], other) for other in tokens[1:])
             times = [median_us(lambda m=m: m.sample(*args), timer, 60) for m in mods.values()]
