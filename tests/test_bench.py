@@ -20,6 +20,15 @@ def test_op_bench_reports_every_cell_with_its_floor(capsys):
     assert all(c["floor_us"] > 0 and c["original_us"] > 0 and c["fast_us"] > 0 for c in cells)
 
 
+def test_op_bench_times_the_same_rows_in_every_run():
+    """A cell's logits are seeded: two runs time the same rows (a batch-1 sampling call's time
+    depends on its row), and the copies that defeat the L2 differ from each other."""
+    from xllm_sampling import bench
+
+    first, again, other = (bench._logits(2, 500, "cpu", seed=s) for s in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
 def test_op_bench_topk_variants_run(capsys):
     """k = 1024 and unsorted top-k cells are on request; every implementation that exists gives a time."""
     ops = ["topk_unsorted", "topk1024", "topk1024_unsorted"]

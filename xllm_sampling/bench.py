@@ -173,14 +173,21 @@ def _floor_bytes(op: str, batch: int, vocab: int, dtype: torch.dtype) -> int:
     return read + (batch * vocab * 4 if op == "logit_softmax" else 0)
 
 
+def _logits(rows: int, vocab: int, device: str, seed: int) -> torch.Tensor:
+    """Seeded N(0, 9) float32 logits (rows, vocab): a cell times the same rows in every run (a
+    batch-1 sampling call's time depends on its row, e.g. on how many tokens its top-k bound lists)."""
+    g = torch.Generator(device).manual_seed(seed)
+    return torch.randn(rows, vocab, device=device, generator=g) * 3
+
+
 def measure(op: str, batch: int, vocab: int, dtype: torch.dtype, device: str, bandwidth: float, reps: int, fi,
             timer: gate.Timer) -> Cell:
     """Time the three implementations of ``op`` at one size."""
     rows = batch * BEAM_VARIANTS.get(op, 1)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
     copies = max(1, min(8, (2 * l2) // max(1, rows * vocab * dtype.itemsize) + 1))
-    inputs = [((torch.randn(rows, vocab, device=device) * 3).to(dtype), torch.full((rows,), 0.8, device=device))
-              for _ in range(copies)]
+    inputs = [(_logits(rows, vocab, device, seed=i).to(dtype), torch.full((rows,), 0.8, device=device))
+              for i in range(copies)]
     result = {}
     for name, (flag_values, fn) in _implementations(op, fi).items():
         if fn is None:
@@ -265,7 +272,7 @@ def host(ops, batches, vocab: int, reps: int, progress: Callable[[str], None]) -
     for op in ops:
         for batch in batches:
             rows_ = batch * BEAM_VARIANTS.get(op, 1)
-            x = torch.randn(rows_, vocab, device=device) * 3
+            x = _logits(rows_, vocab, device, seed=0)
             t = torch.full((rows_,), 0.8, device=device)
             row = {"op": op, "batch": batch}
             implementations = _implementations(op, fi)
