@@ -176,7 +176,7 @@ void dispatch(const torch::Tensor& logits, Args args, bool penalty, bool unfilte
     } else {
       penalty ? launch<T, kVec, true, 4>(logits, args, cs) : launch<T, kVec, false, 4>(logits, args, cs);
     }
-  } else {
+  } else {  // rows not of 16-byte vectors (odd vocabularies): one instance, to keep the build short
     penalty ? launch<T, 1, true, 4>(logits, args, cs) : launch<T, 1, false, 4>(logits, args, cs);
   }
 }
